@@ -1,0 +1,42 @@
+"""replicax: the next-token distribution as a flow on the probability simplex."""
+
+import importlib.metadata
+
+from ._discrete import (
+    entropic_mirror_map as entropic_mirror_map,
+    multiplicative_weights as multiplicative_weights,
+)
+from ._flows import (
+    AbstractFlow as AbstractFlow,
+    EntropicReplicator as EntropicReplicator,
+    Replicator as Replicator,
+)
+from ._observables import (
+    arc_length as arc_length,
+    argmax as argmax,
+    entropy as entropy,
+    fisher_rao_distance as fisher_rao_distance,
+    free_energy as free_energy,
+    kl as kl,
+    limit_log_p as limit_log_p,
+    speed as speed,
+    target_log_p as target_log_p,
+    time_to as time_to,
+    top_k_mass as top_k_mass,
+)
+from ._saveat import SaveAt as SaveAt
+from ._scores import (
+    AbstractScore as AbstractScore,
+    FrequencyPenalty as FrequencyPenalty,
+    Logits as Logits,
+    ScoreSum as ScoreSum,
+    SelfReinforcement as SelfReinforcement,
+)
+from ._solution import RESULTS as RESULTS, Trajectory as Trajectory
+from ._solve import solve as solve
+
+
+try:
+    __version__ = importlib.metadata.version("replicax")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"

@@ -1,0 +1,333 @@
+"""Quantities computed along a path (THEORY §5).
+
+Functions of `log_p` work on any leading shape (the vocabulary is the last axis) and can be
+used inside `SaveAt(fn=...)`. Functions of a flow (`speed`, `time_to`, `target_log_p`,
+`limit_log_p`) broadcast the flow's batch against their other arguments.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree
+
+from ._flows import AbstractFlow, Replicator
+from ._solve import prepare_rows, row_support
+
+
+def _p_and_safe_log(log_p):
+    # Double `where`: off the support log_p = -inf and p log p must be 0 with a finite
+    # gradient (THEORY §6.4).
+    alive = log_p > -jnp.inf
+    safe = jnp.where(alive, log_p, 0)
+    return jnp.where(alive, jnp.exp(safe), 0), safe, alive
+
+
+def entropy(log_p: Float[Array, "*batch vocab"]) -> Float[Array, "*batch"]:
+    """Shannon entropy `H(p) = -Σ p_i log p_i` (nats), with `0 log 0 = 0`."""
+    p, safe, _ = _p_and_safe_log(log_p)
+    return -jnp.sum(p * safe, axis=-1)
+
+
+def kl(
+    log_p: Float[Array, "*batch vocab"], log_q: Float[Array, "*batch vocab"]
+) -> Float[Array, "*batch"]:
+    """Kullback–Leibler divergence `KL(p ‖ q) = Σ p_i (log p_i - log q_i)`.
+
+    `+inf` where `p` puts mass on a token that `q` does not. For the other direction swap
+    the arguments: `kl(log_q, log_p)` is `KL(q ‖ p)`.
+    """
+    p, safe_p, alive = _p_and_safe_log(log_p)
+    q_alive = log_q > -jnp.inf
+    safe_q = jnp.where(q_alive, log_q, 0)
+    terms = jnp.where(alive, p * (safe_p - safe_q), 0)
+    out = jnp.sum(terms, axis=-1)
+    impossible = jnp.any(alive & ~q_alive, axis=-1)
+    return jnp.where(impossible, jnp.inf, out)
+
+
+def free_energy(
+    log_p: Float[Array, "*batch vocab"],
+    logits: Float[ArrayLike, "*batch vocab"],
+    temperature: Float[ArrayLike, "*batch"],
+) -> Float[Array, "*batch"]:
+    """Free energy `F_T(p) = <p, s> + T H(p)` (THEORY §1).
+
+    Maximised by `softmax(s/T)`, where it equals `T logsumexp(s/T)`; non-decreasing along
+    the entropic replicator. Masked logits (`-inf`) count only where `p` is zero.
+    """
+    logits = jnp.asarray(logits, log_p.dtype)
+    temperature = jnp.asarray(temperature, log_p.dtype)
+    p, _, alive = _p_and_safe_log(log_p)
+    s = jnp.where(alive, logits, 0)
+    return jnp.sum(p * s, axis=-1) + temperature * entropy(log_p)
+
+
+def fisher_rao_distance(
+    log_p: Float[Array, "*batch vocab"], log_q: Float[Array, "*batch vocab"]
+) -> Float[Array, "*batch"]:
+    """Fisher–Rao (Shahshahani) geodesic distance `2 arccos Σ √(p_i q_i)`, in `[0, π]`."""
+    both = (log_p > -jnp.inf) & (log_q > -jnp.inf)
+    half = jnp.where(both, 0.5 * (log_p + log_q), -jnp.inf)
+    bc = jnp.sum(jnp.exp(half), axis=-1)
+    # arccos has an infinite slope at 1 (p = q): keep the gradient finite there.
+    inside = bc < 1
+    return jnp.where(inside, 2 * jnp.arccos(jnp.where(inside, bc, 0)), 0)
+
+
+def arc_length(
+    log_p: Float[Array, "*batch times vocab"],
+) -> Float[Array, "*batch"]:
+    """Fisher–Rao length of a saved path: the sum of geodesic distances between
+    consecutive saved points (converges to `∫ ‖ṗ‖ dt` as the saved grid is refined).
+
+    For `V = 2` from uniform to a vertex the exact length is `π/2` (THEORY §5).
+    """
+    steps = fisher_rao_distance(log_p[..., 1:, :], log_p[..., :-1, :])
+    return jnp.sum(steps, axis=-1)
+
+
+def top_k_mass(log_p: Float[Array, "*batch vocab"], k: int) -> Float[Array, "*batch"]:
+    """Total probability of the `k` most likely tokens (`k` is static)."""
+    if not isinstance(k, int) or k < 1 or k > log_p.shape[-1]:
+        raise ValueError(
+            f"`k` must be an int in [1, vocab={log_p.shape[-1]}]; received {k!r}."
+        )
+    top, _ = jax.lax.top_k(log_p, k)
+    return jnp.sum(jnp.exp(top), axis=-1)
+
+
+def argmax(log_p: Float[Array, "*batch vocab"]) -> Int[Array, "*batch"]:
+    """The most likely token (the first one on ties)."""
+    return jnp.argmax(log_p, axis=-1)
+
+
+def _map_rows(flow, log_p, fn, *, normalised=True) -> PyTree:
+    rows = prepare_rows(flow, log_y0=log_p) if normalised else prepare_rows(flow)
+    if normalised:
+        out = jax.vmap(fn)(rows.flow, rows.log_p0)
+    else:
+        out = jax.vmap(lambda f: fn(f, None))(rows.flow)
+    return jax.tree_util.tree_map(rows.unflatten, out)
+
+
+def speed(
+    flow: AbstractFlow,
+    log_p: Float[ArrayLike, "*batch vocab"],
+    t: Float[ArrayLike, ""] = 0.0,
+    aux: PyTree = None,
+) -> Float[Array, "*batch"]:
+    """Shahshahani (Fisher–Rao) speed `‖ṗ‖ = sqrt(Σ ṗ_i² / p_i) = sd_p(θ̇)` of `flow` at
+    the state `log_p` (and history `aux`, for scores that have one).
+
+    Along (R) with constant scores this is `sd_p(s)/T`.
+    """
+    log_p = jnp.asarray(log_p)
+    t = jnp.asarray(t, log_p.dtype)
+
+    def one(flow_row, log_p_row):
+        support, _ = row_support(flow_row, log_p_row, log_p_row.shape[-1], log_p.dtype)
+        lp = jnp.where(support, log_p_row, -jnp.inf)
+        a = flow_row.score.init_aux(lp) if aux is None else aux
+        rate = flow_row.log_rate(t, lp, a, support)
+        p = jnp.exp(lp)
+        return jnp.sqrt(jnp.sum(p * rate**2))
+
+    if aux is not None and jnp.ndim(log_p) > 1:
+        raise ValueError("`aux` is only supported for a single context; use jax.vmap.")
+    return _map_rows(flow, log_p, one)
+
+
+def target_log_p(flow: AbstractFlow) -> Float[Array, "*batch vocab"]:
+    """`log softmax(s/T)` on the support: the rest point of (E) and the point (R) passes
+    at `t = 1` from uniform. Constant scores only."""
+    _need_constant(flow, "target_log_p")
+
+    def one(flow_row, _):
+        _, scores, support = _constant_row(flow_row, None)
+        s = scores / flow_row.temperature.astype(scores.dtype)
+        return jax.nn.log_softmax(jnp.where(support, s, -jnp.inf))
+
+    return _map_rows(flow, None, one, normalised=False)
+
+
+def limit_log_p(
+    flow: AbstractFlow,
+    y0: Float[ArrayLike, "*batch vocab"] | None = None,
+    log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
+) -> Float[Array, "*batch vocab"]:
+    """`lim_{t→∞} log p(t)` for constant scores (THEORY §1): the argmax set of `s`
+    weighted by `p₀` for (R); `softmax(s/T)` on the support of `p₀` for (E)."""
+    _need_constant(flow, "limit_log_p")
+    rows = prepare_rows(flow, y0=y0, log_y0=log_y0)
+
+    def one(f, lp0):
+        return f.limit_log_p(*_constant_row(f, lp0))
+
+    if rows.log_p0 is None:
+        out = jax.vmap(lambda f: one(f, None))(rows.flow)
+    else:
+        out = jax.vmap(one)(rows.flow, rows.log_p0)
+    return rows.unflatten(out)
+
+
+def _constant_row(flow_row, log_p0_row):
+    scores = flow_row.score.constant_value()
+    support, theta0 = row_support(flow_row, log_p0_row, scores.shape[-1], scores.dtype)
+    log_p0 = jnp.where(support, theta0, -jnp.inf)
+    return log_p0, scores, support
+
+
+def _need_constant(flow, name):
+    if not isinstance(flow, AbstractFlow):
+        raise TypeError(f"`flow` must be a replicax flow; received {type(flow).__name__}.")
+    if not flow.score.is_constant:
+        raise ValueError(f"`{name}` needs a constant score (closed forms only).")
+
+
+_BISECTION_STEPS = 80
+
+
+def time_to(
+    flow: AbstractFlow,
+    eps: Float[ArrayLike, "*batch"],
+    *,
+    y0: Float[ArrayLike, "*batch vocab"] | None = None,
+    log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
+    bound: bool = False,
+) -> Float[Array, "*batch"]:
+    """Time for a flow with constant scores to come within `eps` of where it ends.
+
+    What "within `eps`" means depends on the flow, because they end in different places
+    (THEORY §1):
+
+    - `Replicator`: `1 - p(K) <= eps`, where `K` is the argmax set of the logits (on the
+        support of `p₀`). Closed-form bound: `t = (T/Δ) log((1 - p₀(K)) / (p₀(K) eps))`,
+        `Δ` the gap between the top score and the next one.
+    - `EntropicReplicator`: `KL(p(t) ‖ softmax(s/T)) <= eps`. Closed-form bound:
+        `t = ½ log(R² / (8 eps))`, `R = range(log p₀ - s/T)` on the support.
+
+    **Arguments:**
+
+    - `flow`: a flow whose score is constant (`Logits`).
+    - `eps`: threshold `> 0`, a scalar or one per batch row.
+    - `y0`, `log_y0`: start as in `solve` (default uniform).
+    - `bound`: return the closed-form upper bound above instead of the exact time.
+
+    **Returns:**
+
+    Times of shape `(*batch,)`; `0` where the start is already within `eps`. The exact
+    time is the root of a monotone closed-form function, found by bisection inside the
+    bound; its gradient comes from the implicit function theorem.
+    """
+    _need_constant(flow, "time_to")
+    eps = jnp.asarray(eps)
+    rows = prepare_rows(flow, y0=y0, log_y0=log_y0, extra_batch_shapes=(eps.shape,))
+    eps = jnp.broadcast_to(eps.astype(rows.dtype), rows.batch_shape).reshape(-1)
+    if eps.size and all(not isinstance(x, jax.core.Tracer) for x in (eps,)):
+        if not bool(jnp.all((eps > 0) & jnp.isfinite(eps))):
+            raise ValueError(f"`eps` must be finite and > 0; received {eps}.")
+    replicator = isinstance(flow, Replicator)
+
+    def one(f, lp0, e):
+        log_p0, scores, support = _constant_row(f, lp0)
+        if replicator:
+            return _time_to_replicator(f, log_p0, scores, support, e, bound)
+        return _time_to_entropic(f, log_p0, scores, support, e, bound)
+
+    if rows.log_p0 is None:
+        out = jax.vmap(lambda f, e: one(f, None, e))(rows.flow, eps)
+    else:
+        out = jax.vmap(one)(rows.flow, rows.log_p0, eps)
+    return rows.unflatten(out)
+
+
+def _masked_lse(x, mask):
+    x = jnp.where(mask, x, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(x))
+    m = jnp.where(jnp.isfinite(m), m, 0)
+    return m + jnp.log(jnp.sum(jnp.where(mask, jnp.exp(x - m), 0)))
+
+
+def _time_to_replicator(flow, log_p0, scores, support, eps, bound):
+    temperature = flow.temperature.astype(scores.dtype)
+    top = jnp.max(jnp.where(support, scores, -jnp.inf))
+    winners = support & (scores == top)
+    losers = support & ~winners
+    lp0 = jnp.where(support, log_p0, 0)
+    s = scores / temperature
+
+    def log_gap(t):  # log(1 - p_K(t))
+        theta = lp0 + t * s
+        return _masked_lse(theta, losers) - _masked_lse(theta, support)
+
+    log_loser0 = _masked_lse(lp0, losers)
+    log_winner0 = _masked_lse(lp0, winners)
+    second = jnp.max(jnp.where(losers, scores, -jnp.inf))
+    delta = jnp.where(jnp.any(losers), top - second, 1)
+    t_bound = (temperature / delta) * (log_loser0 - log_winner0 - jnp.log(eps))
+    t_bound = jnp.where(jnp.any(losers), jnp.maximum(t_bound, 0), 0)
+    if bound:
+        return t_bound
+    return _monotone_root(log_gap, jnp.log(eps), t_bound)
+
+
+def _time_to_entropic(flow, log_p0, scores, support, eps, bound):
+    temperature = flow.temperature.astype(scores.dtype)
+    lp0 = jnp.where(support, log_p0, 0)
+    s = jnp.where(support, scores / temperature, 0)
+    log_target = jnp.where(support, s - _masked_lse(s, support), -jnp.inf)
+    diff = jnp.where(support, lp0 - s, 0)
+    r = jnp.max(jnp.where(support, diff, -jnp.inf)) - jnp.min(
+        jnp.where(support, diff, jnp.inf)
+    )
+    r2 = jnp.maximum(r**2, jnp.finfo(scores.dtype).tiny)
+    t_bound = jnp.maximum(0.5 * jnp.log(r2 / (8 * eps)), 0)
+    if bound:
+        return t_bound
+
+    def log_kl(t):
+        theta = jnp.exp(-t) * lp0 + (-jnp.expm1(-t)) * s
+        log_p = jnp.where(support, theta - _masked_lse(theta, support), -jnp.inf)
+        return jnp.log(jnp.maximum(kl(log_p, log_target), jnp.finfo(s.dtype).tiny))
+
+    return _monotone_root(log_kl, jnp.log(eps), t_bound)
+
+
+def _monotone_root(g, level, hi):
+    """Smallest `t` in `[0, hi]` with `g(t) <= level` for a non-increasing `g`, and
+    `g(hi) <= level`. Bisection for the value; one Newton step (with the bracket held
+    constant) gives the implicit-function gradient `-∂g/∂θ / g'(t)`."""
+    hi = jax.lax.stop_gradient(hi)
+    level_c = jax.lax.stop_gradient(level)
+    g_c = lambda t: jax.lax.stop_gradient(g(t))  # noqa: E731
+
+    def body(_, bracket):
+        lo, up = bracket
+        mid = 0.5 * (lo + up)
+        below = g_c(mid) <= level_c
+        return jnp.where(below, lo, mid), jnp.where(below, mid, up)
+
+    zero = jnp.zeros_like(hi)
+    lo, up = jax.lax.fori_loop(0, _BISECTION_STEPS, body, (zero, hi))
+    t_star = jax.lax.stop_gradient(up)
+    already = g_c(zero) <= level_c
+    slope = jax.grad(g)(t_star)
+    safe_slope = jnp.where(slope < 0, slope, -1)
+    newton = t_star - (g(t_star) - level) / safe_slope
+    # Keep the bisection value and take only the gradient of the Newton step.
+    t = t_star + (newton - jax.lax.stop_gradient(newton))
+    return jnp.where(already, zero, t)
+
+
+__all__ = [
+    "arc_length",
+    "argmax",
+    "entropy",
+    "fisher_rao_distance",
+    "free_energy",
+    "kl",
+    "limit_log_p",
+    "speed",
+    "target_log_p",
+    "time_to",
+    "top_k_mass",
+]

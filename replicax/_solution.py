@@ -1,0 +1,48 @@
+"""What `solve` returns."""
+
+import diffrax
+import equinox as eqx
+from jaxtyping import Array, Float, Int, PyTree
+
+
+class RESULTS(diffrax.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
+    """Outcome of a solve, one per batch row. Extends `diffrax.RESULTS`.
+
+    `RESULTS.successful` for every exact (closed-form) solve. On the diffrax path,
+    e.g. `RESULTS.max_steps_reached`, whose message says to increase `max_steps`.
+    """
+
+
+class Trajectory(eqx.Module):
+    """The saved path of the next-token distribution for a batch of contexts.
+
+    **Fields:**
+
+    - `ts`: the saved times, shape `(times,)`.
+    - `log_p`: log-probabilities, shape `(*batch, times, vocab)`; `-inf` off the support.
+        `None` when `SaveAt(fn=...)` was used.
+    - `observables`: the output of `SaveAt(fn=...)`, each leaf of shape
+        `(*batch, times, ...)`; `None` otherwise.
+    - `aux`: the auxiliary (history) state at the saved times, leaves of shape
+        `(*batch, times, ...)`; `None` when the score has no history or `fn` was used.
+    - `stats`: `num_steps`, `num_accepted_steps`, `num_rejected_steps` per row (all zero
+        on the exact path), and `method`: `"exact"` or `"ode"`.
+    - `result`: a `RESULTS` per batch row.
+    """
+
+    ts: Float[Array, " times"]
+    log_p: Float[Array, "*batch times vocab"] | None
+    observables: PyTree | None
+    aux: PyTree | None
+    stats: dict[str, Int[Array, "*batch"]]
+    result: RESULTS
+    method: str = eqx.field(static=True)
+
+    @property
+    def p(self) -> Float[Array, "*batch times vocab"]:
+        """Probabilities, `exp(log_p)` (computed on access; not stored)."""
+        if self.log_p is None:
+            raise ValueError("This trajectory saved observables only (SaveAt(fn=...)).")
+        import jax.numpy as jnp
+
+        return jnp.exp(self.log_p)
