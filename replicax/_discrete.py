@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
 from ._misc import is_concrete
 from ._solve import prepare_rows, readout, row_support
@@ -63,12 +64,12 @@ def _scan_rows(flow, log_p0, eta, num_steps, decay, vocab_size):
 
 def multiplicative_weights(
     flow: AbstractFlow,
-    step_size: Float[ArrayLike, ""],
+    step_size: RealScalarLike,
     num_steps: int,
     *,
     y0: Float[ArrayLike, "*batch vocab"] | None = None,
     log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
-) -> Float[Array, "*batch steps vocab"]:
+) -> Float[Array, "*out_batch steps vocab"]:
     """Multiplicative weights `log p_{k+1} = log p_k + η z_k/T` (renormalised).
 
     **Arguments:**
@@ -89,12 +90,12 @@ def multiplicative_weights(
 
 def entropic_mirror_map(
     flow: AbstractFlow,
-    step_size: Float[ArrayLike, ""],
+    step_size: RealScalarLike,
     num_steps: int,
     *,
     y0: Float[ArrayLike, "*batch vocab"] | None = None,
     log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
-) -> Float[Array, "*batch steps vocab"]:
+) -> Float[Array, "*out_batch steps vocab"]:
     """Entropic mirror step `log p_{k+1} = (1 - η) log p_k + η z_k/T` (renormalised).
 
     Arguments and return as `multiplicative_weights`. For constant scores and `η < 1`,

@@ -34,7 +34,7 @@ class AbstractFlow(eqx.Module):
     """
 
     score: AbstractScore
-    temperature: Float[Array, "*batch"]
+    temperature: Float[Array, "*temperature_batch"]
 
     # Decay rate of θ in `θ̇ = z/T - kappa θ`: 0 for (R), 1 for (E).
     kappa: ClassVar[float]
@@ -42,7 +42,7 @@ class AbstractFlow(eqx.Module):
     def __init__(
         self,
         score: AbstractScore | Float[ArrayLike, "*batch vocab"],
-        temperature: Float[ArrayLike, "*batch"] = 1.0,
+        temperature: Float[ArrayLike, "*temperature_batch"] = 1.0,
     ):
         if not isinstance(score, AbstractScore):
             score = Logits(score)
@@ -123,7 +123,8 @@ class Replicator(AbstractFlow):
 
     def closed_form(self, dt, log_p0, scores):
         temperature = self.temperature.astype(scores.dtype)
-        return log_p0 + dt * (scores / temperature)
+        # Scale the scalar first: one rounding per token instead of two.
+        return log_p0 + (dt / temperature) * scores
 
     def limit_log_p(self, log_p0, scores, support):
         top = jnp.max(jnp.where(support, scores, -jnp.inf))
@@ -149,7 +150,7 @@ class EntropicReplicator(AbstractFlow):
         temperature = self.temperature.astype(scores.dtype)
         decay = jnp.exp(-dt)
         # -expm1(-dt) = 1 - e^{-dt}, accurate for small dt.
-        return decay * log_p0 + (-jnp.expm1(-dt)) * (scores / temperature)
+        return decay * log_p0 + (-jnp.expm1(-dt) / temperature) * scores
 
     def limit_log_p(self, log_p0, scores, support):
         temperature = self.temperature.astype(scores.dtype)

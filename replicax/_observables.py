@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
+from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, Replicator
 from ._solve import prepare_rows, row_support
 
@@ -28,8 +29,8 @@ def entropy(log_p: Float[Array, "*batch vocab"]) -> Float[Array, "*batch"]:
 
 
 def kl(
-    log_p: Float[Array, "*batch vocab"], log_q: Float[Array, "*batch vocab"]
-) -> Float[Array, "*batch"]:
+    log_p: Float[Array, "*p_batch vocab"], log_q: Float[Array, "*q_batch vocab"]
+) -> Float[Array, "..."]:
     """Kullback–Leibler divergence `KL(p ‖ q) = Σ p_i (log p_i - log q_i)`.
 
     `+inf` where `p` puts mass on a token that `q` does not. For the other direction swap
@@ -46,24 +47,26 @@ def kl(
 
 def free_energy(
     log_p: Float[Array, "*batch vocab"],
-    logits: Float[ArrayLike, "*batch vocab"],
-    temperature: Float[ArrayLike, "*batch"],
+    logits: Float[ArrayLike, "*logits_batch vocab"],
+    temperature: Float[ArrayLike, "*temperature_batch"] | float,
 ) -> Float[Array, "*batch"]:
     """Free energy `F_T(p) = <p, s> + T H(p)` (THEORY §1).
 
     Maximised by `softmax(s/T)`, where it equals `T logsumexp(s/T)`; non-decreasing along
     the entropic replicator. Masked logits (`-inf`) count only where `p` is zero.
     """
-    logits = jnp.asarray(logits, log_p.dtype)
-    temperature = jnp.asarray(temperature, log_p.dtype)
+    logits = jnp.broadcast_to(jnp.asarray(logits, log_p.dtype), log_p.shape)
+    temperature = jnp.broadcast_to(
+        jnp.asarray(temperature, log_p.dtype), log_p.shape[:-1]
+    )
     p, _, alive = _p_and_safe_log(log_p)
     s = jnp.where(alive, logits, 0)
     return jnp.sum(p * s, axis=-1) + temperature * entropy(log_p)
 
 
 def fisher_rao_distance(
-    log_p: Float[Array, "*batch vocab"], log_q: Float[Array, "*batch vocab"]
-) -> Float[Array, "*batch"]:
+    log_p: Float[Array, "*p_batch vocab"], log_q: Float[Array, "*q_batch vocab"]
+) -> Float[Array, "..."]:
     """Fisher–Rao (Shahshahani) geodesic distance `2 arccos Σ √(p_i q_i)`, in `[0, π]`."""
     both = (log_p > -jnp.inf) & (log_q > -jnp.inf)
     half = jnp.where(both, 0.5 * (log_p + log_q), -jnp.inf)
@@ -111,10 +114,10 @@ def _map_rows(flow, log_p, fn, *, normalised=True) -> PyTree:
 
 def speed(
     flow: AbstractFlow,
-    log_p: Float[ArrayLike, "*batch vocab"],
-    t: Float[ArrayLike, ""] = 0.0,
+    log_p: Float[ArrayLike, "*p_batch vocab"],
+    t: RealScalarLike = 0.0,
     aux: PyTree = None,
-) -> Float[Array, "*batch"]:
+) -> Float[Array, "*out_batch"]:
     """Shahshahani (Fisher–Rao) speed `‖ṗ‖ = sqrt(Σ ṗ_i² / p_i) = sd_p(θ̇)` of `flow` at
     the state `log_p` (and history `aux`, for scores that have one).
 
@@ -136,7 +139,7 @@ def speed(
     return _map_rows(flow, log_p, one)
 
 
-def target_log_p(flow: AbstractFlow) -> Float[Array, "*batch vocab"]:
+def target_log_p(flow: AbstractFlow) -> Float[Array, "*out_batch vocab"]:
     """`log softmax(s/T)` on the support: the rest point of (E) and the point (R) passes
     at `t = 1` from uniform. Constant scores only."""
     _need_constant(flow, "target_log_p")
@@ -153,7 +156,7 @@ def limit_log_p(
     flow: AbstractFlow,
     y0: Float[ArrayLike, "*batch vocab"] | None = None,
     log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
-) -> Float[Array, "*batch vocab"]:
+) -> Float[Array, "*out_batch vocab"]:
     """`lim_{t→∞} log p(t)` for constant scores (THEORY §1): the argmax set of `s`
     weighted by `p₀` for (R); `softmax(s/T)` on the support of `p₀` for (E)."""
     _need_constant(flow, "limit_log_p")
@@ -188,12 +191,12 @@ _BISECTION_STEPS = 80
 
 def time_to(
     flow: AbstractFlow,
-    eps: Float[ArrayLike, "*batch"],
+    eps: Float[ArrayLike, "*eps_batch"] | float,
     *,
     y0: Float[ArrayLike, "*batch vocab"] | None = None,
     log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
     bound: bool = False,
-) -> Float[Array, "*batch"]:
+) -> Float[Array, "*out_batch"]:
     """Time for a flow with constant scores to come within `eps` of where it ends.
 
     What "within `eps`" means depends on the flow, because they end in different places

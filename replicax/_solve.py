@@ -21,6 +21,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
+from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
 from ._misc import check_rows, compute_dtype, is_concrete
 from ._saveat import SaveAt
@@ -34,17 +35,17 @@ _Y0_TOLERANCE = {4: 1e-4, 8: 1e-9}
 def solve(
     flow: AbstractFlow,
     *,
-    t1: Float[ArrayLike, ""],
-    t0: Float[ArrayLike, ""] = 0.0,
+    t1: RealScalarLike,
+    t0: RealScalarLike = 0.0,
     y0: Float[ArrayLike, "*batch vocab"] | None = None,
     log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
     saveat: SaveAt | None = None,
     method: Literal["auto", "exact", "ode"] = "auto",
     solver: diffrax.AbstractSolver | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
-    rtol: Float[ArrayLike, ""] = 1e-6,
-    atol: Float[ArrayLike, ""] = 1e-6,
-    dt0: Float[ArrayLike, ""] | None = None,
+    rtol: RealScalarLike = 1e-6,
+    atol: RealScalarLike = 1e-6,
+    dt0: RealScalarLike | None = None,
     adjoint: diffrax.AbstractAdjoint | None = None,
     max_steps: int | None = 4096,
     throw: bool = True,
@@ -233,7 +234,9 @@ def prepare_rows(
             "Cannot tell the vocabulary size: the score has no `Logits` term, so give "
             "`y0` or `log_y0`."
         )
-    itemsize = max([4] + [compute_dtype(x.dtype).itemsize for x in float_leaves])
+    # Python floats (temperature=0.7) are weakly typed and must not decide the dtype.
+    strong = [x for x in float_leaves if not getattr(x, "weak_type", False)]
+    itemsize = max([4] + [compute_dtype(x.dtype).itemsize for x in strong or float_leaves])
     dtype = jnp.dtype(jnp.float64 if itemsize == 8 else jnp.float32)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         dtype = jnp.dtype(jnp.float32)

@@ -1,0 +1,352 @@
+"""How fast and how accurate is a whole next-token trajectory, against plain JAX and diffrax?
+
+For constant logits `s` (one row per context) this script produces the same saved path
+`p(t)`, shape `(batch, times, vocab)`, in several ways and reports for each one its compile
+time, its steady-state time, its error in `p` and the solver steps it took:
+
+- `replicax` with the method picked automatically (the closed form), for the replicator (R)
+  and the entropic replicator (E);
+- `replicax` with `method="ode"` (diffrax Tsit5 on `log p`, rtol = atol = 1e-6);
+- plain diffrax on `p`, written as a user would: a `jax.vmap` over rows of `diffeqsolve`
+  with Tsit5 and a PID controller at rtol = atol = 1e-6, jitted;
+- plain XLA: `jax.nn.softmax(ts[:, None, None] * logits[None] / T, axis=-1)`, jitted;
+- the hardware floor: the bytes that must move (logits read once, the output written once)
+  over the copy bandwidth measured in this run.
+
+Times are reported as a percentage of the floor (`floor / time`) and as a speed-up over
+plain diffrax on the same flow (`diffrax time / time`). Errors are the largest absolute
+difference in `p` from the closed form evaluated with numpy in float64:
+(R) `p(t) = softmax(t s / T)`, (E) `p(t) = softmax((1 - e^{-t}) s / T)`, both from uniform.
+
+Compile time is the first call minus the steady-state median, so for replicax it also
+holds the first run of its un-jitted argument handling.
+
+Run from the repository root:
+
+    python benchmarks/paths.py                                    # CPU-sized defaults
+    PYTHONPATH=. python benchmarks/paths.py --batch 64 --vocab 128256   # GPU
+"""
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import replicax as rx
+
+
+# Copy-bandwidth probe: at least this many bytes, so that the buffer does not sit in the
+# last-level cache of a CPU (tens of MB) or the L2 of a GPU (50 MB on an H100 / H200).
+_MIN_COPY_BYTES = 256 * 2**20
+_MAX_STEPS = 4096  # the same budget as `rx.solve`'s default
+
+
+@dataclasses.dataclass
+class Entry:
+    name: str
+    flow: str | None  # "R", "E" or None (the floor)
+    compile_s: float | None
+    time_s: float
+    max_error: float | None
+    steps: int | None
+    pct_of_floor: float | None = None
+    speedup_vs_diffrax: float | None = None
+
+
+# ----------------------------------------------------------------------------------------
+# Timing
+
+
+def time_call(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
+    """First-call time minus the steady-state median (compile), the median, the output."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        del out  # free the previous output before the next run allocates its own
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return max(first - median, 0.0), median, out
+
+
+def copy_bandwidth(nbytes: int, dtype, repeats: int) -> float:
+    """Bytes per second of a read-once, write-once elementwise pass over `nbytes`."""
+    n = max(nbytes, _MIN_COPY_BYTES) // jnp.dtype(dtype).itemsize
+    x = jnp.zeros((n,), dtype)
+    # `x + 1` rather than `x + 0`, which XLA may fold to the identity and not copy at all.
+    bump = jax.jit(lambda y: y + 1)
+    _, median, _ = time_call(lambda: bump(x), max(repeats, 5))
+    return 2 * x.nbytes / median
+
+
+# ----------------------------------------------------------------------------------------
+# The ways of computing the path
+
+
+def replicax_path(flow_cls, logits, ts, *, t1: float, temperature: float, method: str):
+    def run():
+        flow = flow_cls(logits, temperature)
+        return rx.solve(flow, t1=t1, saveat=rx.SaveAt(ts=ts), method=method)
+
+    return run
+
+
+def plain_diffrax_path(flow: str, *, t1: float, temperature: float):
+    """`p(t)` for every row with diffrax on `p`, as one writes it without replicax."""
+    if flow == "R":
+
+        def vector_field(t, p, s):
+            return p * (s - p @ s) / temperature
+
+    else:
+
+        def vector_field(t, p, s):
+            g = s / temperature - jnp.log(p)
+            return p * (g - p @ g)
+
+    def one(s, ts):
+        p0 = jnp.full(s.shape, 1 / s.shape[-1], s.dtype)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vector_field),
+            diffrax.Tsit5(),
+            0.0,
+            t1,
+            None,
+            p0,
+            args=s,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+            max_steps=_MAX_STEPS,
+        )
+        return sol.ys, sol.stats["num_steps"]
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None)))
+
+
+def plain_softmax_path(*, temperature: float):
+    return jax.jit(
+        lambda logits, ts: jax.nn.softmax(
+            ts[:, None, None] * logits[None] / temperature, axis=-1
+        )
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Accuracy
+
+
+def reference_p(logits: np.ndarray, ts: np.ndarray, temperature: float, flow: str):
+    """Closed-form `p(t)` from uniform in float64, shape `(batch, times, vocab)`."""
+    z = logits.astype(np.float64) / temperature
+    weight = ts if flow == "R" else -np.expm1(-ts)
+    out = np.empty((z.shape[0], ts.shape[0], z.shape[1]), np.float64)
+    for b in range(z.shape[0]):  # a row at a time keeps the temporaries small
+        x = weight[:, None] * z[b][None, :]
+        x -= x.max(axis=-1, keepdims=True)
+        np.exp(x, out=x)
+        x /= x.sum(axis=-1, keepdims=True)
+        out[b] = x
+    return out
+
+
+def max_error(p_rows: Callable[[int], np.ndarray], reference: np.ndarray) -> float:
+    err = 0.0
+    for b in range(reference.shape[0]):
+        err = max(err, float(np.max(np.abs(p_rows(b) - reference[b]))))
+    return err
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def device_description() -> dict[str, str]:
+    device = jax.devices()[0]
+    info = {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": str(jax.device_count()),
+    }
+    if device.platform == "cpu":
+        model = platform.processor() or "unknown CPU"
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        info["cpu_model"] = model
+        info["cpu_cores"] = str(os.cpu_count())
+    return info
+
+
+def run(args) -> dict[str, Any]:
+    dtype = jnp.float64 if args.x64 else jnp.float32
+    key = jax.random.key(args.seed)
+    logits = 3.0 * jax.random.normal(key, (args.batch, args.vocab), dtype)
+    ts = jnp.linspace(0.0, args.t1, args.times, dtype=dtype)
+    T, t1, repeats = args.temperature, args.t1, args.repeats
+
+    logits_np = np.asarray(logits)
+    ts_np = np.asarray(ts).astype(np.float64)
+    references = {
+        flow: reference_p(logits_np, ts_np, T, flow) for flow in ("R", "E")
+    }
+
+    # The floor: logits read once, (batch, times, vocab) written once.
+    itemsize = jnp.dtype(dtype).itemsize
+    floor_bytes = itemsize * (args.batch * args.vocab * (1 + args.times))
+    bandwidth = copy_bandwidth(itemsize * args.batch * args.times * args.vocab, dtype, repeats)
+    floor_s = floor_bytes / bandwidth
+
+    # Compile the small kernels of the flows' eager input checks once, so that their
+    # first-use cost is not charged to whichever replicax entry happens to run first.
+    jax.block_until_ready((rx.Replicator(logits, T), rx.EntropicReplicator(logits, T)))
+
+    entries = [Entry("hardware floor (copy bandwidth)", None, None, floor_s, None, None)]
+
+    compile_s, time_s, out = time_call(
+        lambda: plain_softmax_path(temperature=T)(logits, ts), repeats
+    )
+    out = np.asarray(out)
+    err = max_error(lambda b: out[:, b].astype(np.float64), references["R"])
+    entries.append(Entry("XLA softmax over (times, B, V)", "R", compile_s, time_s, err, None))
+    del out
+
+    flows = {"R": rx.Replicator, "E": rx.EntropicReplicator}
+    for flow, flow_cls in flows.items():
+        for method, label in (("auto", "exact (auto)"), ("ode", "method='ode'")):
+            fn = replicax_path(flow_cls, logits, ts, t1=t1, temperature=T, method=method)
+            compile_s, time_s, sol = time_call(fn, repeats)
+            log_p = np.asarray(sol.log_p)
+            steps = int(jnp.max(sol.stats["num_steps"]))
+            err = max_error(lambda b: np.exp(log_p[b].astype(np.float64)), references[flow])
+            name = f"replicax {flow_cls.__name__}, {label}"
+            entries.append(Entry(name, flow, compile_s, time_s, err, steps))
+            del sol, log_p
+
+        solve = plain_diffrax_path(flow, t1=t1, temperature=T)
+        compile_s, time_s, (ys, num_steps) = time_call(lambda: solve(logits, ts), repeats)
+        ys = np.asarray(ys)
+        err = max_error(lambda b: ys[b].astype(np.float64), references[flow])
+        name = f"plain diffrax Tsit5 on p, vmapped ({flow})"
+        entries.append(Entry(name, flow, compile_s, time_s, err, int(np.max(num_steps))))
+        del ys
+
+    diffrax_time = {
+        e.flow: e.time_s for e in entries if e.name.startswith("plain diffrax")
+    }
+    for e in entries:
+        e.pct_of_floor = 100 * floor_s / e.time_s
+        e.speedup_vs_diffrax = diffrax_time[e.flow or "R"] / e.time_s
+
+    return {
+        "device": device_description(),
+        "versions": {
+            "jax": jax.__version__,
+            "jaxlib": _package_version("jaxlib"),
+            "diffrax": diffrax.__version__,
+            "equinox": eqx.__version__,
+            "replicax": rx.__version__,
+        },
+        "sizes": {
+            "batch": args.batch,
+            "vocab": args.vocab,
+            "times": args.times,
+            "t1": t1,
+            "temperature": T,
+            "dtype": jnp.dtype(dtype).name,
+            "repeats": repeats,
+            "seed": args.seed,
+        },
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "floor_bytes": floor_bytes,
+        "entries": [dataclasses.asdict(e) for e in entries],
+    }
+
+
+def markdown_table(entries: list[dict[str, Any]]) -> str:
+    def fmt(x, spec, empty="—"):
+        return empty if x is None else format(x, spec)
+
+    lines = [
+        "| entry | compile (s) | time (ms) | % of floor | × vs plain diffrax (same flow) "
+        "| max abs error in p | steps (max over rows) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        lines.append(
+            f"| {e['name']} | {fmt(e['compile_s'], '.2f')} | {e['time_s'] * 1e3:.3g} "
+            f"| {e['pct_of_floor']:.3g}% | {e['speedup_vs_diffrax']:.3g}× "
+            f"| {fmt(e['max_error'], '.1e')} | {fmt(e['steps'], 'd')} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8, help="contexts B (default 8)")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary V (default 32000)")
+    parser.add_argument("--times", type=int, default=32, help="saved times n_t (default 32)")
+    parser.add_argument("--t1", type=float, default=4.0, help="final time (default 4.0)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="T (default 0.7)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the logits")
+    parser.add_argument("--x64", action="store_true", help="compute in float64")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args()
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+
+    start = time.perf_counter()
+    results = run(args)
+    results["total_wall_s"] = time.perf_counter() - start
+
+    dev, ver, sizes = results["device"], results["versions"], results["sizes"]
+    where = dev.get("cpu_model", dev["device_kind"])
+    cores = f", {dev['cpu_cores']} cores" if "cpu_cores" in dev else ""
+    print(f"device: {where} ({dev['platform']}{cores}); jax {ver['jax']}, "
+          f"diffrax {ver['diffrax']}, equinox {ver['equinox']}, replicax {ver['replicax']}")
+    print(
+        f"sizes: B={sizes['batch']}, V={sizes['vocab']}, n_t={sizes['times']}, "
+        f"t1={sizes['t1']}, T={sizes['temperature']}, {sizes['dtype']}, "
+        f"median of {sizes['repeats']} runs"
+    )
+    print(
+        f"copy bandwidth {results['copy_bandwidth_GBps']:.1f} GB/s; floor moves "
+        f"{results['floor_bytes'] / 2**20:.1f} MiB"
+    )
+    print()
+    print(markdown_table(results["entries"]))
+    print()
+    print(f"total wall time {results['total_wall_s']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,506 @@
+"""The `replicax` command line (`replicax demo`, or `python -m replicax demo`).
+
+`replicax demo` runs both flows of THEORY §1 — the replicator (R) and the entropic
+replicator (E) — on a batch of next-token logits at a few temperatures, prints a table
+of what happens along the way and where each flow ends, and plots entropy and KL to
+`softmax(s/T)` against time.
+"""
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+_DEFAULT_TEMPERATURES = (0.5, 0.7, 1.0, 1.5)
+# Times at which the temperature-rescaling identity p_T(t) = p_1(t/T) is checked.
+_RESCALING_TIMES = (0.5, 1.0, 2.0)
+# Saved times per unit of time for the curves (the plot and the t = 1 columns).
+_SAVES_PER_UNIT_TIME = 10
+_FLOW_NAMES = {"R": "Replicator", "E": "EntropicReplicator"}
+
+
+class CliError(Exception):
+    """A user error: printed as `replicax <command>: error: <message>`, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the `replicax` command line.
+
+    **Arguments:**
+
+    - `argv`: the arguments after the program name (default: `sys.argv[1:]`).
+
+    **Returns:**
+
+    The exit code: 0 on success, 2 for a bad argument or input file (the message is
+    printed to stderr). Malformed options exit through `argparse` with code 2 as well.
+    """
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except CliError as e:
+        print(f"replicax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replicax",
+        description=(
+            "Replicator flows of next-token distributions on the probability simplex."
+        ),
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"replicax {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run both flows on LLM-like logits; print a table and plot entropy and KL",
+        description=(
+            "Run the replicator (R) and the entropic replicator (E) on a batch of "
+            "next-token logits at several temperatures T. (R) passes softmax(s/T) at "
+            "t = 1 and converges to the argmax; (E) converges to softmax(s/T)."
+        ),
+    )
+    demo.add_argument(
+        "--logits",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help=(
+            "a .npy file of logits, shape (V,) or (B, V); -inf masks a token. Default: "
+            "synthetic LLM-like logits, 8 contexts x 32000 tokens."
+        ),
+    )
+    demo.add_argument(
+        "--temperatures",
+        metavar="T",
+        type=float,
+        nargs="+",
+        default=list(_DEFAULT_TEMPERATURES),
+        help="temperatures to run at (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--eps",
+        type=float,
+        default=1e-3,
+        help=(
+            "threshold of the 'time to eps' column: 1 - p(argmax) <= eps for R, "
+            "KL(p || softmax(s/T)) <= eps for E (default: %(default)g)"
+        ),
+    )
+    demo.add_argument(
+        "--t1",
+        type=float,
+        default=8.0,
+        help="final time of the paths, >= 1 (default: %(default)g)",
+    )
+    demo.add_argument(
+        "--out",
+        metavar="PNG",
+        type=Path,
+        default=Path("replicax-demo.png"),
+        help="where to write the plot (default: %(default)s)",
+    )
+    demo.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the synthetic logits (default: %(default)s)",
+    )
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------
+# `replicax demo`
+
+
+def _demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    temperatures = _check_options(args)
+    if args.logits is None:
+        logits = synthetic_logits(args.seed)
+        source = f"synthetic LLM-like logits (seed {args.seed})"
+    else:
+        logits = load_logits(args.logits)
+        source = f"logits from {args.logits}"
+    batch, vocab = logits.shape
+
+    import jax
+
+    import replicax as rx
+
+    ts = _saved_times(args.t1)
+    curves = {}
+    rows = []
+    for name, cls in (("R", rx.Replicator), ("E", rx.EntropicReplicator)):
+        result = _run_flow(cls, logits, temperatures, ts, args.t1, args.eps)
+        for i, temperature in enumerate(temperatures):
+            curves[(name, float(temperature))] = {
+                "entropy": result["entropy"][i].mean(axis=0),
+                "kl": result["kl"][i].mean(axis=0),
+            }
+            rows.append((name, float(temperature)) + tuple(
+                result[key][i] for key in _TABLE_KEYS
+            ))
+    jax.effects_barrier()
+
+    print(
+        f"replicax demo: {batch} context{'s' if batch != 1 else ''} x {vocab} tokens, "
+        f"{source}; paths from uniform over t in [0, {args.t1:g}]."
+    )
+    print(
+        "R = Replicator (theta' = s/T), E = EntropicReplicator (theta' = s/T - theta); "
+        "pi_T = softmax(s/T)."
+    )
+    print()
+    print(_format_table(rows, args.eps, args.t1))
+    print()
+    print(
+        "(R) passes pi_T at t = 1 (KL(t=1) ~ 0) and then keeps going: it converges to "
+        "the argmax token,\n"
+        "    and temperature only rescales its time, p_T(t) = p_1(t/T) (last column "
+        "~ 1e-7, float32).\n"
+        "(E) converges to pi_T = softmax(s/T) (|p_inf - pi_T| = 0): temperature sets "
+        "where it ends,\n"
+        "    not how fast it goes, so the rescaling identity does not hold for it."
+    )
+
+    if not args.no_plot:
+        from .plot import plot_entropy_kl
+
+        path = plot_entropy_kl(
+            np.asarray(ts),
+            curves,
+            args.out,
+            title=(
+                f"replicax demo: {source}, {batch} x {vocab}; mean over contexts "
+                "(solid R, dashed E)"
+            ),
+        )
+        print()
+        print(f"plot written to {path}")
+    print(f"wall time: {time.perf_counter() - start:.1f} s (including JAX compilation)")
+    return 0
+
+
+def _check_options(args: argparse.Namespace) -> np.ndarray:
+    temperatures = np.asarray(args.temperatures, dtype=np.float32)
+    if not np.all(np.isfinite(temperatures) & (temperatures > 0)):
+        raise CliError(
+            f"--temperatures must be finite and > 0; received {args.temperatures}. "
+            "(T = 0, greedy decoding, is the argmax, not a flow.)"
+        )
+    if len(set(temperatures.tolist())) != len(temperatures):
+        raise CliError(f"--temperatures has repeated values: {args.temperatures}.")
+    if not (math.isfinite(args.eps) and args.eps > 0):
+        raise CliError(f"--eps must be finite and > 0; received {args.eps}.")
+    if not (math.isfinite(args.t1) and args.t1 >= 1):
+        raise CliError(
+            f"--t1 must be finite and >= 1 (the table reports t = 1); received "
+            f"{args.t1}."
+        )
+    if not args.no_plot and args.out.parent and not args.out.parent.is_dir():
+        raise CliError(f"--out: folder {args.out.parent} does not exist.")
+    return temperatures
+
+
+def _saved_times(t1: float) -> np.ndarray:
+    # A uniform grid that contains t = 1 exactly (the table reads the t = 1 columns off
+    # it) and ends at t1.
+    n = max(2, math.ceil(t1 * _SAVES_PER_UNIT_TIME) + 1)
+    ts = np.union1d(np.linspace(0.0, t1, n), [1.0])
+    return ts.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Logits
+
+
+def synthetic_logits(seed: int = 0, batch: int = 8, vocab: int = 32_000) -> np.ndarray:
+    """Deterministic, heavy-tailed logits that look like a language model's.
+
+    Why they look like an LM's: the next-token probabilities of a trained LM are close to
+    Zipf's law in rank, `p(rank r) ∝ r^(-a)`, with `a` between about 1 and 2.5 depending
+    on how predictable the context is, so a handful of tokens hold most of the mass and a
+    long tail of tens of thousands holds the rest. The logits are therefore
+    `-a log r` (one `a` per context), plus heavy-tailed Student-t noise (3 degrees of
+    freedom; it breaks the exact power law and ties, and lets a few tail tokens stand out
+    as real logits do), shuffled over the vocabulary independently per context (token ids
+    are not sorted by probability), and shifted by a random offset per context (raw logits
+    have an arbitrary level; the flows do not see it).
+
+    **Arguments:**
+
+    - `seed`: seed of the `jax.random` key; the same seed gives the same logits.
+    - `batch`: number of contexts `B`.
+    - `vocab`: vocabulary size `V`.
+
+    **Returns:**
+
+    A float32 NumPy array of shape `(batch, vocab)`.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.PRNGKey(seed)
+    k_exponent, k_noise, k_perm, k_offset = jax.random.split(key, 4)
+    exponent = jax.random.uniform(k_exponent, (batch, 1), minval=1.0, maxval=2.5)
+    rank = jnp.arange(1, vocab + 1, dtype=jnp.float32)
+    noise = 0.3 * jax.random.t(k_noise, 3.0, (batch, vocab))
+    sorted_logits = -exponent * jnp.log(rank) + noise
+    perms = jax.vmap(lambda k: jax.random.permutation(k, vocab))(
+        jax.random.split(k_perm, batch)
+    )
+    logits = jnp.take_along_axis(sorted_logits, perms, axis=-1)
+    logits = logits + jax.random.uniform(k_offset, (batch, 1), minval=-2.0, maxval=8.0)
+    return np.asarray(logits, dtype=np.float32)
+
+
+def load_logits(path: Path) -> np.ndarray:
+    """Reads and checks the `--logits` file.
+
+    **Arguments:**
+
+    - `path`: a `.npy` file holding real logits of shape `(V,)` or `(B, V)`, `V >= 2`.
+        `-inf` masks a token; NaN and `+inf` are errors.
+
+    **Returns:**
+
+    A float32 array of shape `(B, V)` (`B = 1` for a 1-D file).
+
+    **Raises:**
+
+    `CliError` naming `--logits` for a missing or unreadable file, a wrong shape or dtype,
+    NaN or `+inf` entries, or a row with every token masked.
+    """
+    if not path.exists():
+        raise CliError(f"--logits: file not found: {path}")
+    if path.is_dir():
+        raise CliError(f"--logits: {path} is a folder, not a .npy file.")
+    try:
+        logits = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise CliError(f"--logits: cannot read {path} as a .npy array ({e}).") from None
+    if not isinstance(logits, np.ndarray):  # an .npz archive
+        raise CliError(
+            f"--logits: {path} holds several arrays (.npz); save one array with np.save."
+        )
+    if not (
+        np.issubdtype(logits.dtype, np.floating) or np.issubdtype(logits.dtype, np.integer)
+    ):
+        raise CliError(
+            f"--logits: expected real numbers; {path} has dtype {logits.dtype}."
+        )
+    if logits.ndim not in (1, 2):
+        raise CliError(
+            f"--logits: expected shape (V,) or (B, V); {path} has shape {logits.shape} "
+            f"({logits.ndim} dimensions)."
+        )
+    if logits.shape[-1] < 2 or logits.size == 0:
+        raise CliError(
+            f"--logits: need at least one context of at least 2 tokens; {path} has shape "
+            f"{logits.shape}."
+        )
+    logits = np.atleast_2d(logits).astype(np.float32)
+    bad = np.isnan(logits) | (logits == np.inf)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        what = "NaN" if np.isnan(logits[index]) else "+inf"
+        raise CliError(
+            f"--logits: {path} contains {what} (first at row {index[0]}, token "
+            f"{index[1]}; {int(bad.sum())} bad entries in all). Use -inf to mask a token."
+        )
+    empty = np.all(logits == -np.inf, axis=-1)
+    if empty.any():
+        raise CliError(
+            f"--logits: row {int(np.argmax(empty))} of {path} is all -inf: no token left."
+        )
+    return logits
+
+
+# ----------------------------------------------------------------------------------------
+# The computation
+
+
+_TABLE_KEYS = (
+    "time_to",
+    "entropy_1",
+    "kl_1",
+    "kl_t1",
+    "top1_t1",
+    "limit_to_target",
+    "limit_to_argmax",
+    "rescaling_error",
+)
+
+
+def _observe(t: Any, log_p: Any, flow: Any) -> dict[str, Any]:
+    # Called by `solve` for one context at one saved time: keep three scalars instead of
+    # a vocabulary-sized vector.
+    import jax.numpy as jnp
+
+    import replicax as rx
+
+    del t
+    return {
+        "entropy": rx.entropy(log_p),
+        "kl": rx.kl(log_p, rx.target_log_p(flow)),
+        "top1": jnp.exp(jnp.max(log_p)),
+    }
+
+
+def _run_flow(
+    cls: type, logits: np.ndarray, temperatures: np.ndarray, ts: np.ndarray, t1: float,
+    eps: float,
+) -> dict[str, np.ndarray]:
+    """Everything the table and the plot need for one flow class.
+
+    **Arguments:**
+
+    - `cls`: `replicax.Replicator` or `replicax.EntropicReplicator`.
+    - `logits`: shape `(B, V)`.
+    - `temperatures`: shape `(nT,)`.
+    - `ts`: saved times, containing `1.0` and ending at `t1`.
+    - `t1`: final time.
+    - `eps`: threshold of `replicax.time_to`.
+
+    **Returns:**
+
+    A dict with `"entropy"` and `"kl"` of shape `(nT, B, times)`, and, for each of
+    `_TABLE_KEYS`, a per-temperature summary of shape `(nT,)`: means over the batch,
+    except the rescaling error, a maximum over contexts, times and tokens.
+    """
+    import replicax as rx
+
+    # Batch (nT, B): every temperature against every context in one solve.
+    flow = cls(logits[None], temperatures[:, None])
+    traj = rx.solve(flow, t1=t1, saveat=rx.SaveAt(ts=ts, fn=_observe))
+    obs = {k: np.asarray(v) for k, v in traj.observables.items()}
+    i1 = int(np.flatnonzero(ts == 1.0)[0])
+
+    target = np.exp(np.asarray(rx.target_log_p(flow)))  # (nT, B, V)
+    limit = np.exp(np.asarray(rx.limit_log_p(flow)))
+    # The argmax "vertex": uniform on the set of top logits (one-hot unless tied), which
+    # is where (R) goes from a uniform start.
+    top = logits == logits.max(axis=-1, keepdims=True)
+    vertex = top / top.sum(axis=-1, keepdims=True)
+
+    out = {
+        "entropy": obs["entropy"],
+        "kl": obs["kl"],
+        "time_to": np.asarray(rx.time_to(flow, eps)).mean(axis=1),
+        "entropy_1": obs["entropy"][..., i1].mean(axis=1),
+        "kl_1": obs["kl"][..., i1].mean(axis=1),
+        "kl_t1": obs["kl"][..., -1].mean(axis=1),
+        "top1_t1": obs["top1"][..., -1].mean(axis=1),
+        "limit_to_target": np.abs(limit - target).max(axis=-1).mean(axis=1),
+        "limit_to_argmax": np.abs(limit - vertex[None]).max(axis=-1).mean(axis=1),
+        "rescaling_error": _rescaling_error(cls, logits, temperatures, t1),
+    }
+    return out
+
+
+def _rescaling_error(
+    cls: type, logits: np.ndarray, temperatures: np.ndarray, t1: float
+) -> np.ndarray:
+    """`max |p_T(t) - p_1(t/T)|` over contexts, tokens and a few `t`, per temperature.
+
+    **Arguments:** as `_run_flow`.
+
+    **Returns:**
+
+    Shape `(nT,)`. About float32 round-off for (R), for which the identity is exact; order
+    one for (E), for which it is false.
+    """
+    import replicax as rx
+
+    t_check = np.asarray([t for t in _RESCALING_TIMES if t <= t1], np.float32)
+    k = t_check.shape[0]
+    n_temp = temperatures.shape[0]
+    at_temperature = cls(logits[None], temperatures[:, None])
+    log_p_t = rx.solve(
+        at_temperature, t1=t_check[-1], saveat=rx.SaveAt(ts=t_check)
+    ).log_p  # (nT, B, k, V)
+
+    # p_1 at every t/T, in one solve: saved times must increase, so sort them and undo
+    # the sort afterwards.
+    scaled = (t_check[None, :] / temperatures[:, None]).reshape(-1)  # (nT * k,)
+    order = np.argsort(scaled, kind="stable")
+    log_p_1 = rx.solve(
+        cls(logits, 1.0), t1=scaled.max(), saveat=rx.SaveAt(ts=scaled[order])
+    ).log_p  # (B, nT * k, V), in sorted order
+    unsort = np.empty_like(order)
+    unsort[order] = np.arange(order.size)
+    log_p_1 = np.asarray(log_p_1)[:, unsort].reshape(logits.shape[0], n_temp, k, -1)
+    diff = np.abs(np.exp(np.asarray(log_p_t)) - np.exp(log_p_1.transpose(1, 0, 2, 3)))
+    return diff.max(axis=(1, 2, 3))
+
+
+# ----------------------------------------------------------------------------------------
+# The table
+
+
+_COLUMNS = (
+    # (header, format) for each of _TABLE_KEYS.
+    ("t to eps", "{:8.2f}"),
+    ("H(t=1)", "{:7.3f}"),
+    ("KL(t=1)", "{:8.1e}"),
+    ("KL(t1)", "{:8.1e}"),
+    ("top-1(t1)", "{:9.4f}"),
+    ("|p_inf-pi_T|", "{:12.1e}"),
+    ("|p_inf-argmax|", "{:14.1e}"),
+    ("max|p_T(t)-p_1(t/T)|", "{:20.1e}"),
+)
+
+
+def _format_table(rows: list[tuple], eps: float, t1: float) -> str:
+    headers = ["flow", "T"] + [h for h, _ in _COLUMNS]
+    body = []
+    for name, temperature, *values in rows:
+        cells = [name, f"{temperature:g}"]
+        for (_, fmt), value in zip(_COLUMNS, values, strict=True):
+            cells.append(fmt.format(float(value)).strip())
+        body.append(cells)
+    widths = [max(len(r[j]) for r in [headers] + body) for j in range(len(headers))]
+
+    def line(cells):
+        first = f"{cells[0]:<{widths[0]}}"
+        rest = [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first] + rest)
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    previous = None
+    for cells in body:
+        if previous is not None and cells[0] != previous:
+            out.append("")
+        out.append(line(cells))
+        previous = cells[0]
+    t_check = ", ".join(f"{t:g}" for t in _RESCALING_TIMES if t <= t1)
+    out += [
+        "",
+        f"t to eps: time to come within eps = {eps:g} of where the flow ends "
+        "(replicax.time_to):",
+        "  R: 1 - p(argmax set) <= eps;  E: KL(p || pi_T) <= eps.",
+        f"KL = KL(p(t) || pi_T); top-1 = mass of the most likely token; t1 = {t1:g}.",
+        "|p_inf - .| = max-abs distance of the t -> inf limit (replicax.limit_log_p) to "
+        "pi_T and to the argmax token.",
+        "Columns are means over the contexts, except the last: max over contexts, "
+        f"tokens and t in {{{t_check}}}.",
+    ]
+    return "\n".join(out)
