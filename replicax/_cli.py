@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from ._flows import EntropicReplicator, Replicator
+from ._observables import entropy, kl, limit_log_p, target_log_p, time_to
+from ._saveat import SaveAt
+from ._solve import solve
 
 
 _DEFAULT_TEMPERATURES = (0.5, 0.7, 1.0, 1.5)
@@ -141,14 +149,10 @@ def _demo(args: argparse.Namespace) -> int:
         source = f"logits from {args.logits}"
     batch, vocab = logits.shape
 
-    import jax
-
-    import replicax as rx
-
     ts = _saved_times(args.t1)
     curves = {}
     rows = []
-    for name, cls in (("R", rx.Replicator), ("E", rx.EntropicReplicator)):
+    for name, cls in (("R", Replicator), ("E", EntropicReplicator)):
         result = _run_flow(cls, logits, temperatures, ts, args.t1, args.eps)
         for i, temperature in enumerate(temperatures):
             curves[(name, float(temperature))] = {
@@ -255,21 +259,25 @@ def synthetic_logits(seed: int = 0, batch: int = 8, vocab: int = 32_000) -> np.n
 
     A float32 NumPy array of shape `(batch, vocab)`.
     """
-    import jax
-    import jax.numpy as jnp
-
     key = jax.random.PRNGKey(seed)
+    return np.asarray(_synthetic_logits(key, batch, vocab), dtype=np.float32)
+
+
+@eqx.filter_jit
+def _synthetic_logits(key, batch, vocab):
     k_exponent, k_noise, k_perm, k_offset = jax.random.split(key, 4)
     exponent = jax.random.uniform(k_exponent, (batch, 1), minval=1.0, maxval=2.5)
     rank = jnp.arange(1, vocab + 1, dtype=jnp.float32)
-    noise = 0.3 * jax.random.t(k_noise, 3.0, (batch, vocab))
+    # Student-t with 3 degrees of freedom, as a normal over sqrt(chi-square / 3): cheap
+    # to compile, unlike `jax.random.t` (a gamma sampler with a rejection loop).
+    normals = jax.random.normal(k_noise, (4, batch, vocab))
+    chi2 = jnp.sum(normals[1:] ** 2, axis=0)
+    noise = 0.3 * normals[0] / jnp.sqrt(chi2 / 3)
     sorted_logits = -exponent * jnp.log(rank) + noise
-    perms = jax.vmap(lambda k: jax.random.permutation(k, vocab))(
-        jax.random.split(k_perm, batch)
-    )
+    # An independent random permutation of the vocabulary per context.
+    perms = jnp.argsort(jax.random.uniform(k_perm, (batch, vocab)), axis=-1)
     logits = jnp.take_along_axis(sorted_logits, perms, axis=-1)
-    logits = logits + jax.random.uniform(k_offset, (batch, 1), minval=-2.0, maxval=8.0)
-    return np.asarray(logits, dtype=np.float32)
+    return logits + jax.random.uniform(k_offset, (batch, 1), minval=-2.0, maxval=8.0)
 
 
 def load_logits(path: Path) -> np.ndarray:
@@ -353,20 +361,20 @@ _TABLE_KEYS = (
 def _observe(t: Any, log_p: Any, flow: Any) -> dict[str, Any]:
     # Called by `solve` for one context at one saved time: keep three scalars instead of
     # a vocabulary-sized vector.
-    import jax.numpy as jnp
-
-    import replicax as rx
-
     del t
     return {
-        "entropy": rx.entropy(log_p),
-        "kl": rx.kl(log_p, rx.target_log_p(flow)),
+        "entropy": entropy(log_p),
+        "kl": kl(log_p, target_log_p(flow)),
         "top1": jnp.exp(jnp.max(log_p)),
     }
 
 
 def _run_flow(
-    cls: type, logits: np.ndarray, temperatures: np.ndarray, ts: np.ndarray, t1: float,
+    cls: type,
+    logits: np.ndarray,
+    temperatures: np.ndarray,
+    ts: np.ndarray,
+    t1: float,
     eps: float,
 ) -> dict[str, np.ndarray]:
     """Everything the table and the plot need for one flow class.
@@ -386,70 +394,72 @@ def _run_flow(
     `_TABLE_KEYS`, a per-temperature summary of shape `(nT,)`: means over the batch,
     except the rescaling error, a maximum over contexts, times and tokens.
     """
-    import replicax as rx
-
-    # Batch (nT, B): every temperature against every context in one solve.
-    flow = cls(logits[None], temperatures[:, None])
-    traj = rx.solve(flow, t1=t1, saveat=rx.SaveAt(ts=ts, fn=_observe))
-    obs = {k: np.asarray(v) for k, v in traj.observables.items()}
-    i1 = int(np.flatnonzero(ts == 1.0)[0])
-
-    target = np.exp(np.asarray(rx.target_log_p(flow)))  # (nT, B, V)
-    limit = np.exp(np.asarray(rx.limit_log_p(flow)))
-    # The argmax "vertex": uniform on the set of top logits (one-hot unless tied), which
-    # is where (R) goes from a uniform start.
-    top = logits == logits.max(axis=-1, keepdims=True)
-    vertex = top / top.sum(axis=-1, keepdims=True)
-
-    out = {
-        "entropy": obs["entropy"],
-        "kl": obs["kl"],
-        "time_to": np.asarray(rx.time_to(flow, eps)).mean(axis=1),
-        "entropy_1": obs["entropy"][..., i1].mean(axis=1),
-        "kl_1": obs["kl"][..., i1].mean(axis=1),
-        "kl_t1": obs["kl"][..., -1].mean(axis=1),
-        "top1_t1": obs["top1"][..., -1].mean(axis=1),
-        "limit_to_target": np.abs(limit - target).max(axis=-1).mean(axis=1),
-        "limit_to_argmax": np.abs(limit - vertex[None]).max(axis=-1).mean(axis=1),
-        "rescaling_error": _rescaling_error(cls, logits, temperatures, t1),
-    }
-    return out
-
-
-def _rescaling_error(
-    cls: type, logits: np.ndarray, temperatures: np.ndarray, t1: float
-) -> np.ndarray:
-    """`max |p_T(t) - p_1(t/T)|` over contexts, tokens and a few `t`, per temperature.
-
-    **Arguments:** as `_run_flow`.
-
-    **Returns:**
-
-    Shape `(nT,)`. About float32 round-off for (R), for which the identity is exact; order
-    one for (E), for which it is false.
-    """
-    import replicax as rx
-
+    # The times at which p_T(t) = p_1(t/T) is checked. p_1 is saved at every t/T in one
+    # solve; saved times must increase, so sort them here and undo the sort in `_core`.
     t_check = np.asarray([t for t in _RESCALING_TIMES if t <= t1], np.float32)
-    k = t_check.shape[0]
-    n_temp = temperatures.shape[0]
-    at_temperature = cls(logits[None], temperatures[:, None])
-    log_p_t = rx.solve(
-        at_temperature, t1=t_check[-1], saveat=rx.SaveAt(ts=t_check)
-    ).log_p  # (nT, B, k, V)
-
-    # p_1 at every t/T, in one solve: saved times must increase, so sort them and undo
-    # the sort afterwards.
-    scaled = (t_check[None, :] / temperatures[:, None]).reshape(-1)  # (nT * k,)
+    scaled = (t_check[None, :] / temperatures[:, None]).reshape(-1)
     order = np.argsort(scaled, kind="stable")
-    log_p_1 = rx.solve(
-        cls(logits, 1.0), t1=scaled.max(), saveat=rx.SaveAt(ts=scaled[order])
-    ).log_p  # (B, nT * k, V), in sorted order
     unsort = np.empty_like(order)
     unsort[order] = np.arange(order.size)
-    log_p_1 = np.asarray(log_p_1)[:, unsort].reshape(logits.shape[0], n_temp, k, -1)
-    diff = np.abs(np.exp(np.asarray(log_p_t)) - np.exp(log_p_1.transpose(1, 0, 2, 3)))
-    return diff.max(axis=(1, 2, 3))
+    i1 = int(np.flatnonzero(ts == 1.0)[0])
+    out = _core(
+        cls,
+        logits,
+        temperatures,
+        ts,
+        np.float32(t1),
+        np.float32(eps),
+        t_check,
+        scaled[order],
+        unsort,
+        i1,
+    )
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _core_impl(
+    cls, logits, temperatures, ts, t1, eps, t_check, scaled_sorted, unsort, i1
+):
+    # One jitted function per flow class: a single XLA compilation instead of one per
+    # eager operation inside `time_to`, `target_log_p` and `limit_log_p`, and the
+    # (nT, B, V) intermediates never leave the device.
+    # Batch (nT, B): every temperature against every context in one solve.
+    flow = cls(logits[None], temperatures[:, None])
+    obs = solve(flow, t1=t1, saveat=SaveAt(ts=ts, fn=_observe)).observables
+
+    target = jnp.exp(target_log_p(flow))  # (nT, B, V)
+    limit = jnp.exp(limit_log_p(flow))
+    # The argmax "vertex": uniform on the set of top logits (one-hot unless tied), which
+    # is where (R) goes from a uniform start.
+    top = logits == jnp.max(logits, axis=-1, keepdims=True)
+    vertex = top / jnp.sum(top, axis=-1, keepdims=True)
+
+    # Temperature-rescaling identity p_T(t) = p_1(t/T).
+    n_temp, (batch, vocab), k = temperatures.shape[0], logits.shape, t_check.shape[0]
+    p_t = solve(flow, t1=t_check[-1], saveat=SaveAt(ts=t_check)).p
+    p_1 = solve(
+        cls(logits, 1.0), t1=scaled_sorted[-1], saveat=SaveAt(ts=scaled_sorted)
+    ).p  # (B, nT * k, V) in sorted order
+    p_1 = p_1[:, unsort].reshape(batch, n_temp, k, vocab).transpose(1, 0, 2, 3)
+    rescaling_error = jnp.max(jnp.abs(p_t - p_1), axis=(1, 2, 3))
+
+    return {
+        "entropy": obs["entropy"],
+        "kl": obs["kl"],
+        "time_to": jnp.mean(time_to(flow, eps), axis=1),
+        "entropy_1": jnp.mean(obs["entropy"][..., i1], axis=1),
+        "kl_1": jnp.mean(obs["kl"][..., i1], axis=1),
+        "kl_t1": jnp.mean(obs["kl"][..., -1], axis=1),
+        "top1_t1": jnp.mean(obs["top1"][..., -1], axis=1),
+        "limit_to_target": jnp.mean(jnp.max(jnp.abs(limit - target), axis=-1), axis=1),
+        "limit_to_argmax": jnp.mean(
+            jnp.max(jnp.abs(limit - vertex[None]), axis=-1), axis=1
+        ),
+        "rescaling_error": rescaling_error,
+    }
+
+
+_core = eqx.filter_jit(_core_impl)
 
 
 # ----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
 from ._misc import check_rows, compute_dtype, is_concrete
 from ._saveat import SaveAt
+from ._scores import Logits
 from ._solution import RESULTS, Trajectory
 
 
@@ -309,8 +310,10 @@ def check_flow_values(flow: AbstractFlow, batch_shape) -> AbstractFlow:
         "`temperature` must be finite and > 0; it is not at batch index {index}.",
         eager=False,
     )
-    flow = eqx.tree_at(lambda f: f.temperature, flow, temperature)
-    for term in _logits_terms(flow.score):
+
+    def check_logits(term):
+        if not isinstance(term, Logits):
+            return term
         logits = term.logits
         bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
         empty = jnp.all(logits == -jnp.inf, axis=-1)
@@ -327,24 +330,12 @@ def check_flow_values(flow: AbstractFlow, batch_shape) -> AbstractFlow:
             "`logits` is all -inf at batch index {index}: no token is left.",
             eager=False,
         )
-        flow = eqx.tree_at(lambda f: _find(f.score, term).logits, flow, logits)
-    return flow
+        return eqx.tree_at(lambda t: t.logits, term, logits)
 
-
-def _logits_terms(score):
-    from ._scores import Logits, ScoreSum
-
-    if isinstance(score, Logits):
-        return [score]
-    if isinstance(score, ScoreSum):
-        return [t for t in score.terms if isinstance(t, Logits)]
-    return []
-
-
-def _find(score, term):
-    if score is term:
-        return score
-    return next(t for t in score.terms if t is term)
+    score = jtu.tree_map(
+        check_logits, flow.score, is_leaf=lambda x: isinstance(x, Logits)
+    )
+    return eqx.tree_at(lambda f: (f.score, f.temperature), flow, (score, temperature))
 
 
 # ----------------------------------------------------------------------------------------
@@ -445,7 +436,7 @@ def _solve_one(flow, log_p0, t0, t1, save_ts, saveat: SaveAt, ode):
 
     def vector_field(t, y, args):
         del args
-        theta, aux = y if has_aux else (y, None)
+        theta, aux = y if has_aux else (y, aux0)
         log_p = readout(theta, support)
         rate = flow.log_rate(t, log_p, aux, support)
         if has_aux:
@@ -454,7 +445,7 @@ def _solve_one(flow, log_p0, t0, t1, save_ts, saveat: SaveAt, ode):
 
     def save_fn(t, y, args):
         del args
-        theta, aux = y if has_aux else (y, None)
+        theta, aux = y if has_aux else (y, aux0)
         log_p = readout(theta, support)
         if fn is not None:
             return fn(t, log_p, flow)
