@@ -11,11 +11,12 @@ Both work in log space, so no step ever leaves the simplex (unlike Euler in `p`)
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
-from ._misc import is_concrete
+from ._misc import as_numpy, is_concrete
 from ._solve import prepare_rows, readout, row_support
 
 
@@ -28,7 +29,7 @@ def _iterate(flow, step_size, num_steps, y0, log_y0, decay: bool, name: str):
     eta = jnp.asarray(step_size, rows.dtype)
     if eta.ndim != 0:
         raise ValueError(f"`step_size` must be a scalar; received shape {eta.shape}.")
-    if is_concrete(eta) and not bool(jnp.isfinite(eta) & (eta > 0)):
+    if is_concrete(eta) and not (np.isfinite(as_numpy(eta)) & (as_numpy(eta) > 0)):
         raise ValueError(f"`step_size` of {name} must be finite and > 0; received {eta}.")
     return rows, _scan_rows(rows.flow, rows.log_p0, eta, num_steps, decay, rows.vocab_size)
 

@@ -16,9 +16,10 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
-from ._misc import compute_dtype, is_concrete
+from ._misc import as_numpy, compute_dtype, is_concrete
 from ._scores import AbstractScore, Logits
 
 
@@ -54,9 +55,10 @@ class AbstractFlow(eqx.Module):
 
     def __check_init__(self):
         if is_concrete(self.temperature):
-            ok = jnp.isfinite(self.temperature) & (self.temperature > 0)
-            if not bool(jnp.all(ok)):
-                bad = self.temperature[~ok] if self.temperature.ndim else self.temperature
+            temperature = as_numpy(self.temperature)
+            ok = np.isfinite(temperature) & (temperature > 0)
+            if not ok.all():
+                bad = temperature[~ok] if temperature.ndim else temperature
                 raise ValueError(
                     "`temperature` must be finite and > 0; received "
                     f"{bad.reshape(-1)[0]}. Greedy decoding (T = 0) is the argmax, not "

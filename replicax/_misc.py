@@ -26,6 +26,18 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def as_numpy(x) -> np.ndarray:
+    """A concrete array as numpy (half precision widened), for checks made now.
+
+    Checks of concrete values use numpy, not jnp: under an outer `jax.jit`, jnp
+    operations on a closed-over constant would give tracers.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind == "f" and x.dtype.itemsize < 4 or x.dtype.kind not in "fc":
+        x = x.astype(np.float32)
+    return x
+
+
 _MAX_INDEXED_MESSAGES = 1024
 
 

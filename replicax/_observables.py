@@ -7,10 +7,12 @@ used inside `SaveAt(fn=...)`. Functions of a flow (`speed`, `time_to`, `target_l
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, Replicator
+from ._misc import as_numpy, is_concrete
 from ._solve import prepare_rows, row_support
 
 
@@ -225,9 +227,10 @@ def time_to(
     eps = jnp.asarray(eps)
     rows = prepare_rows(flow, y0=y0, log_y0=log_y0, extra_batch_shapes=(eps.shape,))
     eps = jnp.broadcast_to(eps.astype(rows.dtype), rows.batch_shape).reshape(-1)
-    if eps.size and all(not isinstance(x, jax.core.Tracer) for x in (eps,)):
-        if not bool(jnp.all((eps > 0) & jnp.isfinite(eps))):
-            raise ValueError(f"`eps` must be finite and > 0; received {eps}.")
+    if is_concrete(eps):
+        e = as_numpy(eps)
+        if not np.all((e > 0) & np.isfinite(e)):
+            raise ValueError(f"`eps` must be finite and > 0; received {e}.")
     replicator = isinstance(flow, Replicator)
 
     def one(f, lp0, e):

@@ -11,9 +11,10 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
-from ._misc import compute_dtype, is_concrete
+from ._misc import as_numpy, compute_dtype, is_concrete
 
 
 class AbstractScore(eqx.Module):
@@ -120,16 +121,17 @@ class Logits(AbstractScore):
 
     def __check_init__(self):
         if is_concrete(self.logits):
-            bad = jnp.isnan(self.logits) | (self.logits == jnp.inf)
-            if bool(jnp.any(bad)):
-                index = tuple(int(i) for i in jnp.argwhere(bad)[0])
+            logits = as_numpy(self.logits)
+            bad = np.isnan(logits) | (logits == np.inf)
+            if bad.any():
+                index = tuple(int(i) for i in np.argwhere(bad)[0])
                 raise ValueError(
                     f"`logits` contains NaN or +inf (first at index {index}, batch "
                     f"index {index[:-1]}). Use -inf to mask a token."
                 )
-            empty = jnp.all(self.logits == -jnp.inf, axis=-1)
-            if bool(jnp.any(empty)):
-                index = tuple(int(i) for i in jnp.argwhere(empty)[0])
+            empty = np.all(logits == -np.inf, axis=-1)
+            if empty.any():
+                index = tuple(int(i) for i in np.argwhere(empty)[0])
                 raise ValueError(
                     f"`logits` has a row that is all -inf at batch index {index}: "
                     "no token is left to put mass on."
@@ -178,7 +180,7 @@ class SelfReinforcement(AbstractScore):
 
     def __init__(self, beta: Float[ArrayLike, "*batch"]):
         self.beta = jnp.asarray(beta)
-        if is_concrete(self.beta) and not bool(jnp.all(jnp.isfinite(self.beta))):
+        if is_concrete(self.beta) and not np.all(np.isfinite(as_numpy(self.beta))):
             raise ValueError(f"`beta` must be finite; received {self.beta}.")
 
     def __call__(self, t, log_p, aux):
@@ -210,8 +212,8 @@ class FrequencyPenalty(AbstractScore):
 
     def __init__(self, alpha: Float[ArrayLike, "*batch"]):
         self.alpha = jnp.asarray(alpha)
-        if is_concrete(self.alpha) and not bool(
-            jnp.all(jnp.isfinite(self.alpha) & (self.alpha >= 0))
+        if is_concrete(self.alpha) and not np.all(
+            np.isfinite(as_numpy(self.alpha)) & (as_numpy(self.alpha) >= 0)
         ):
             raise ValueError(
                 f"`alpha` (frequency penalty) must be finite and >= 0; received "

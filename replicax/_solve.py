@@ -23,7 +23,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
-from ._misc import check_rows, compute_dtype, is_concrete
+from ._misc import as_numpy, check_rows, compute_dtype, is_concrete
 from ._saveat import SaveAt
 from ._scores import Logits
 from ._solution import RESULTS, Trajectory
@@ -273,7 +273,7 @@ def prepare_rows(
         log_p0 = jnp.log(start) if start_name == "y0" else start
         log_p0 = jnp.broadcast_to(log_p0, batch_shape + (vocab_size,)).reshape(n, vocab_size)
         if is_concrete(log_p0):
-            check_start(log_p0, start_name, tol, batch_shape, eager=True)
+            check_start(as_numpy(log_p0), start_name, tol, batch_shape, eager=True)
         else:
             y0_check = start_name
 
@@ -285,15 +285,18 @@ def prepare_rows(
 
 
 def check_start(log_p0, name, tol, batch_shape, *, eager):
-    """Errors for a start that is not a distribution (one message per failure kind)."""
+    """Errors for a start that is not a distribution (one message per failure kind).
+
+    With `eager`, `log_p0` is a numpy array and a `ValueError` is raised now."""
+    xp = np if eager else jnp
     if name == "y0":
-        bad_value = jnp.any(jnp.isnan(log_p0), axis=-1)
+        bad_value = xp.any(xp.isnan(log_p0), axis=-1)
         value_msg = "`y0` has a negative or NaN entry at batch index {index}."
     else:
-        bad_value = jnp.any(jnp.isnan(log_p0) | (log_p0 == jnp.inf), axis=-1)
+        bad_value = xp.any(xp.isnan(log_p0) | (log_p0 == np.inf), axis=-1)
         value_msg = "`log_y0` has a NaN or +inf entry at batch index {index}."
-    total = jnp.sum(jnp.exp(jnp.where(jnp.isnan(log_p0), -jnp.inf, log_p0)), axis=-1)
-    bad_sum = ~bad_value & ~(jnp.abs(total - 1) <= tol)
+    total = xp.sum(xp.exp(xp.where(xp.isnan(log_p0), -np.inf, log_p0)), axis=-1)
+    bad_sum = ~bad_value & ~(xp.abs(total - 1) <= tol)
     what = "sum to 1" if name == "y0" else "be normalised (logsumexp 0)"
     sum_msg = f"`{name}` must {what} within {tol:g}; it does not at batch index {{index}}."
     log_p0 = check_rows(log_p0, bad_value.reshape(batch_shape), value_msg, eager=eager)
@@ -495,19 +498,22 @@ def _as_scalar(x, name: str, dtype) -> Array:
     x = jnp.asarray(x)
     if x.ndim != 0:
         raise ValueError(f"`{name}` must be a scalar; received shape {x.shape}.")
-    if is_concrete(x) and not bool(jnp.isfinite(x)):
+    if is_concrete(x) and not np.isfinite(as_numpy(x)):
         raise ValueError(f"`{name}` must be finite; received {x}.")
     return x.astype(dtype)
 
 
 def _check_times(t0, t1, ts):
     concrete = all(is_concrete(x) for x in (t0, t1, ts) if x is not None)
-    bad_order = t1 < t0
+    xp, conv = (np, as_numpy) if concrete else (jnp, lambda x: x)
+    a0, a1 = conv(t0), conv(t1)
+    bad_order = a1 < a0
     if ts is not None:
-        bad_ts = jnp.any(ts < t0) | jnp.any(ts > t1) | jnp.any(jnp.diff(ts) < 0)
-        bad_ts = bad_ts | jnp.any(~jnp.isfinite(ts))
+        a = conv(ts)
+        bad_ts = xp.any(a < a0) | xp.any(a > a1) | xp.any(xp.diff(a) < 0)
+        bad_ts = bad_ts | xp.any(~xp.isfinite(a))
     else:
-        bad_ts = jnp.asarray(False)
+        bad_ts = xp.asarray(False)
     msg_order = "`t1` must be >= `t0`."
     msg_ts = "`SaveAt(ts=...)` must be finite, non-decreasing and within [t0, t1]."
     if concrete:

@@ -113,6 +113,18 @@ def plot_entropy_kl(
         if mark_time is not None and ts.size and ts[0] <= mark_time <= ts[-1]:
             ax.axvline(mark_time, color="0.5", linestyle=":", linewidth=1)
         ax.grid(True, which="major", alpha=0.3)
+    if mark_time is not None and ts.size and ts[0] <= mark_time <= ts[-1]:
+        ax_kl.annotate(
+            f"t = {mark_time:g}",
+            xy=(mark_time, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3),
+            textcoords="offset points",
+            ha="left",
+            va="top",
+            fontsize="small",
+            color="0.4",
+        )
     ax_kl.legend(fontsize="small", ncol=max(1, math.ceil(len(curves) / 6)))
     if title:
         fig.suptitle(title)
