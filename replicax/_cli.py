@@ -28,15 +28,16 @@ from ._solve import solve
 _DEFAULT_TEMPERATURES = (0.5, 0.7, 1.0, 1.5)
 # Times at which the temperature-rescaling identity p_T(t) = p_1(t/T) is checked.
 _RESCALING_TIMES = (0.5, 1.0, 2.0)
-# Saved times per unit of time for the curves (the plot and the t = 1 columns).
-_SAVES_PER_UNIT_TIME = 10
+# Number of saved times on [0, t1] for the curves (t = 1 is added if not among them).
+# Fixed, so that the memory of a solve does not grow with t1.
+_NUM_SAVED_TIMES = 81
 
 
 class CliError(Exception):
     """A user error: printed as `replicax <command>: error: <message>`, exit code 2."""
 
 
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -70,8 +71,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     from . import __version__
 
-    parser.add_argument("--version", action="version", version=f"replicax {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--version", action="version", version=f"replicax {__version__}"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
         "demo",
@@ -133,7 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # `replicax demo`
 
 
@@ -225,27 +228,28 @@ def _check_options(args: argparse.Namespace) -> np.ndarray:
 def _saved_times(t1: float) -> np.ndarray:
     # A uniform grid that contains t = 1 exactly (the table reads the t = 1 columns off
     # it) and ends at t1.
-    n = max(2, math.ceil(t1 * _SAVES_PER_UNIT_TIME) + 1)
-    ts = np.union1d(np.linspace(0.0, t1, n), [1.0])
+    ts = np.union1d(np.linspace(0.0, t1, _NUM_SAVED_TIMES), [1.0])
     return ts.astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Logits
 
 
 def synthetic_logits(seed: int = 0, batch: int = 8, vocab: int = 32_000) -> np.ndarray:
     """Deterministic, heavy-tailed logits that look like a language model's.
 
-    Why they look like an LM's: the next-token probabilities of a trained LM are close to
-    Zipf's law in rank, `p(rank r) ∝ r^(-a)`, with `a` between about 1 and 2.5 depending
-    on how predictable the context is, so a handful of tokens hold most of the mass and a
-    long tail of tens of thousands holds the rest. The logits are therefore
+    Why they look like an LM's: the next-token probabilities of a trained LM are close
+    to Zipf's law in rank, `p(rank r) ∝ r^(-a)`, with `a` between about 1 and 2.5
+    depending on how predictable the context is, so a handful of tokens hold most of the
+    mass and a long tail of tens of thousands holds the rest. The logits are therefore
     `-a log r` (one `a` per context), plus heavy-tailed Student-t noise (4 degrees of
-    freedom; it breaks the exact power law and ties, and lets a few tail tokens stand out
-    as real logits do), shuffled over the vocabulary independently per context (token ids
-    are not sorted by probability), and shifted by a random offset per context (raw logits
-    have an arbitrary level; the flows do not see it).
+    freedom; it breaks the exact power law and ties, and lets a few tail tokens stand
+    out as real logits do), shuffled over the vocabulary independently per context
+    (token ids are not sorted by probability), and shifted by a random offset per
+    context (raw logits have an arbitrary level; the flows do not see it). Over seeds,
+    the entropy of `softmax(s)` has a median of about 2.3 nats (0.9 to 7) and the top
+    token a median mass of about 0.5.
 
     **Arguments:**
 
@@ -263,19 +267,21 @@ def synthetic_logits(seed: int = 0, batch: int = 8, vocab: int = 32_000) -> np.n
 
 @eqx.filter_jit
 def _synthetic_logits(key, batch, vocab):
+    f32 = jnp.float32  # explicit everywhere: the same logits with or without x64
     k_exponent, k_noise, k_perm, k_offset = jax.random.split(key, 4)
-    exponent = jax.random.uniform(k_exponent, (batch, 1), minval=1.0, maxval=2.5)
-    rank = jnp.arange(1, vocab + 1, dtype=jnp.float32)
+    exponent = jax.random.uniform(k_exponent, (batch, 1), f32, minval=1.0, maxval=2.5)
+    log_rank = jnp.log(jnp.arange(1, vocab + 1, dtype=f32))[None, :]
     # Student-t with 4 degrees of freedom, as a normal over sqrt(chi-square / 4): cheap
     # to compile, unlike `jax.random.t` (a gamma sampler with a rejection loop).
-    normals = jax.random.normal(k_noise, (5, batch, vocab))
+    normals = jax.random.normal(k_noise, (5, batch, vocab), f32)
     chi2 = jnp.sum(normals[1:] ** 2, axis=0)
     noise = 0.3 * normals[0] / jnp.sqrt(chi2 / 4)
-    sorted_logits = -exponent * jnp.log(rank) + noise
+    sorted_logits = -exponent * log_rank + noise
     # An independent random permutation of the vocabulary per context.
-    perms = jnp.argsort(jax.random.uniform(k_perm, (batch, vocab)), axis=-1)
+    perms = jnp.argsort(jax.random.uniform(k_perm, (batch, vocab), f32), axis=-1)
     logits = jnp.take_along_axis(sorted_logits, perms, axis=-1)
-    return logits + jax.random.uniform(k_offset, (batch, 1), minval=-2.0, maxval=8.0)
+    offset = jax.random.uniform(k_offset, (batch, 1), f32, minval=-2.0, maxval=8.0)
+    return logits + offset
 
 
 def load_logits(path: Path) -> np.ndarray:
@@ -292,8 +298,8 @@ def load_logits(path: Path) -> np.ndarray:
 
     **Raises:**
 
-    `CliError` naming `--logits` for a missing or unreadable file, a wrong shape or dtype,
-    NaN or `+inf` entries, or a row with every token masked.
+    `CliError` naming `--logits` for a missing or unreadable file, a wrong shape or
+    dtype, NaN or `+inf` entries, or a row with every token masked.
     """
     if not path.exists():
         raise CliError(f"--logits: file not found: {path}")
@@ -305,11 +311,11 @@ def load_logits(path: Path) -> np.ndarray:
         raise CliError(f"--logits: cannot read {path} as a .npy array ({e}).") from None
     if not isinstance(logits, np.ndarray):  # an .npz archive
         raise CliError(
-            f"--logits: {path} holds several arrays (.npz); save one array with np.save."
+            f"--logits: {path} holds several arrays (.npz); save one array with "
+            "np.save."
         )
-    if not (
-        np.issubdtype(logits.dtype, np.floating) or np.issubdtype(logits.dtype, np.integer)
-    ):
+    dtype = logits.dtype
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
         raise CliError(
             f"--logits: expected real numbers; {path} has dtype {logits.dtype}."
         )
@@ -320,8 +326,8 @@ def load_logits(path: Path) -> np.ndarray:
         )
     if logits.shape[-1] < 2 or logits.size == 0:
         raise CliError(
-            f"--logits: need at least one context of at least 2 tokens; {path} has shape "
-            f"{logits.shape}."
+            f"--logits: need at least one context of at least 2 tokens; {path} has "
+            f"shape {logits.shape}."
         )
     logits = np.atleast_2d(logits).astype(np.float32)
     bad = np.isnan(logits) | (logits == np.inf)
@@ -330,17 +336,19 @@ def load_logits(path: Path) -> np.ndarray:
         what = "NaN" if np.isnan(logits[index]) else "+inf"
         raise CliError(
             f"--logits: {path} contains {what} (first at row {index[0]}, token "
-            f"{index[1]}; {int(bad.sum())} bad entries in all). Use -inf to mask a token."
+            f"{index[1]}; {int(bad.sum())} bad entries in all). Use -inf to mask a "
+            "token."
         )
     empty = np.all(logits == -np.inf, axis=-1)
     if empty.any():
         raise CliError(
-            f"--logits: row {int(np.argmax(empty))} of {path} is all -inf: no token left."
+            f"--logits: row {int(np.argmax(empty))} of {path} is all -inf: no token "
+            "left."
         )
     return logits
 
 
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The computation
 
 
@@ -392,75 +400,56 @@ def _run_flow(
     `_TABLE_KEYS`, a per-temperature summary of shape `(nT,)`: means over the batch,
     except the rescaling error, a maximum over contexts, times and tokens.
     """
-    # The times at which p_T(t) = p_1(t/T) is checked. p_1 is saved at every t/T in one
-    # solve; saved times must increase, so sort them here and undo the sort in `_core`.
     t_check = np.asarray([t for t in _RESCALING_TIMES if t <= t1], np.float32)
-    scaled = (t_check[None, :] / temperatures[:, None]).reshape(-1)
-    order = np.argsort(scaled, kind="stable")
-    unsort = np.empty_like(order)
-    unsort[order] = np.arange(order.size)
     i1 = int(np.flatnonzero(ts == 1.0)[0])
-    out = _core(
-        cls,
-        logits,
-        temperatures,
-        ts,
-        np.float32(t1),
-        np.float32(eps),
-        t_check,
-        scaled[order],
-        unsort,
-        i1,
-    )
-    return {k: np.asarray(v) for k, v in out.items()}
+    # One temperature at a time: the same compiled function for each (the temperature
+    # is a dynamic argument), and a peak memory of B x times x V floats rather than
+    # nT times that.
+    t1, eps = np.float32(t1), np.float32(eps)
+    outs = [
+        _core(cls, logits, temperature, ts, t1, eps, t_check, i1)
+        for temperature in temperatures
+    ]
+    return {k: np.stack([np.asarray(out[k]) for out in outs]) for k in outs[0]}
 
 
-def _core_impl(
-    cls, logits, temperatures, ts, t1, eps, t_check, scaled_sorted, unsort, i1
-):
+def _core_impl(cls, logits, temperature, ts, t1, eps, t_check, i1):
     # One jitted function per flow class: a single XLA compilation instead of one per
     # eager operation inside `time_to`, `target_log_p` and `limit_log_p`, and the
-    # (nT, B, V) intermediates never leave the device.
-    # Batch (nT, B): every temperature against every context in one solve.
-    flow = cls(logits[None], temperatures[:, None])
+    # (B, V) intermediates never leave the device.
+    flow = cls(logits, temperature)
     obs = solve(flow, t1=t1, saveat=SaveAt(ts=ts, fn=_observe)).observables
 
-    target = jnp.exp(target_log_p(flow))  # (nT, B, V)
+    target = jnp.exp(target_log_p(flow))  # (B, V)
     limit = jnp.exp(limit_log_p(flow))
     # The argmax "vertex": uniform on the set of top logits (one-hot unless tied), which
     # is where (R) goes from a uniform start.
-    top = logits == jnp.max(logits, axis=-1, keepdims=True)
+    top = (logits == jnp.max(logits, axis=-1, keepdims=True)).astype(logits.dtype)
     vertex = top / jnp.sum(top, axis=-1, keepdims=True)
 
-    # Temperature-rescaling identity p_T(t) = p_1(t/T).
-    n_temp, (batch, vocab), k = temperatures.shape[0], logits.shape, t_check.shape[0]
+    # Temperature-rescaling identity p_T(t) = p_1(t/T), at a few t.
     p_t = solve(flow, t1=t_check[-1], saveat=SaveAt(ts=t_check)).p
-    p_1 = solve(
-        cls(logits, 1.0), t1=scaled_sorted[-1], saveat=SaveAt(ts=scaled_sorted)
-    ).p  # (B, nT * k, V) in sorted order
-    p_1 = p_1[:, unsort].reshape(batch, n_temp, k, vocab).transpose(1, 0, 2, 3)
-    rescaling_error = jnp.max(jnp.abs(p_t - p_1), axis=(1, 2, 3))
+    scaled = t_check / temperature
+    p_1 = solve(cls(logits, 1.0), t1=scaled[-1], saveat=SaveAt(ts=scaled)).p
 
     return {
         "entropy": obs["entropy"],
         "kl": obs["kl"],
-        "time_to": jnp.mean(time_to(flow, eps), axis=1),
-        "entropy_1": jnp.mean(obs["entropy"][..., i1], axis=1),
-        "kl_1": jnp.mean(obs["kl"][..., i1], axis=1),
-        "kl_t1": jnp.mean(obs["kl"][..., -1], axis=1),
-        "top1_t1": jnp.mean(obs["top1"][..., -1], axis=1),
-        "limit_to_target": jnp.mean(jnp.max(jnp.abs(limit - target), axis=-1), axis=1),
-        "limit_to_argmax": jnp.mean(
-            jnp.max(jnp.abs(limit - vertex[None]), axis=-1), axis=1
-        ),
-        "rescaling_error": rescaling_error,
+        "time_to": jnp.mean(time_to(flow, eps)),
+        "entropy_1": jnp.mean(obs["entropy"][:, i1]),
+        "kl_1": jnp.mean(obs["kl"][:, i1]),
+        "kl_t1": jnp.mean(obs["kl"][:, -1]),
+        "top1_t1": jnp.mean(obs["top1"][:, -1]),
+        "limit_to_target": jnp.mean(jnp.max(jnp.abs(limit - target), axis=-1)),
+        "limit_to_argmax": jnp.mean(jnp.max(jnp.abs(limit - vertex), axis=-1)),
+        "rescaling_error": jnp.max(jnp.abs(p_t - p_1)),
     }
 
 
 _core = eqx.filter_jit(_core_impl)
 
 
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The table
 
 
@@ -481,9 +470,13 @@ def _format_table(rows: list[tuple], eps: float, t1: float) -> str:
     headers = ["flow", "T"] + [h for h, _ in _COLUMNS]
     body = []
     for name, temperature, *values in rows:
-        cells = [name, f"{temperature:g}"]
+        cells = [name, _format_temperature(temperature)]
         for (_, fmt), value in zip(_COLUMNS, values, strict=True):
-            cells.append(fmt.format(float(value)).strip())
+            # A round-off negative that prints as zero prints as "0.000", not "-0.000".
+            text = fmt.format(float(value)).strip()
+            if float(text) == 0:
+                text = fmt.format(0.0).strip()
+            cells.append(text)
         body.append(cells)
     widths = [max(len(r[j]) for r in [headers] + body) for j in range(len(headers))]
 
@@ -505,12 +498,17 @@ def _format_table(rows: list[tuple], eps: float, t1: float) -> str:
         f"t to eps: time to come within eps = {eps:g} of where the flow ends "
         "(replicax.time_to):",
         "  R: 1 - p(argmax set) <= eps;  E: KL(p || pi_T) <= eps.",
-        f"KL = KL(p(t) || pi_T) (values within ~1e-7 of 0 are float32 round-off); "
-        f"top-1 = mass of the",
+        "KL = KL(p(t) || pi_T) (values within ~1e-7 of 0 are float32 round-off); "
+        "top-1 = mass of the",
         f"most likely token; t1 = {t1:g}.",
-        "|p_inf - .| = max-abs distance of the t -> inf limit (replicax.limit_log_p) to "
-        "pi_T and to the argmax token.",
+        "|p_inf - .| = max-abs distance of the t -> inf limit (replicax.limit_log_p) "
+        "to pi_T and to the argmax token.",
         "Columns are means over the contexts, except the last: max over contexts, "
         f"tokens and t in {{{t_check}}}.",
     ]
     return "\n".join(out)
+
+
+def _format_temperature(temperature: float) -> str:
+    text = f"{temperature:g}"
+    return text if any(c in text for c in ".en") else text + ".0"

@@ -88,8 +88,8 @@ def plot_entropy_kl(
         for label, y in (("entropy", entropy), ("kl", kl)):
             if y.shape != ts.shape:
                 raise ValueError(
-                    f"curve {label!r} of ({name!r}, {temperature}) has shape {y.shape}; "
-                    f"expected {ts.shape} like `ts`."
+                    f"curve {label!r} of ({name!r}, {temperature}) has shape "
+                    f"{y.shape}; expected {ts.shape} like `ts`."
                 )
         style = dict(
             color=colours[temperatures.index(float(temperature))],
