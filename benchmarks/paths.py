@@ -50,7 +50,6 @@ import numpy as np
 
 import replicax as rx
 
-
 # The copy-bandwidth probe uses at least this many bytes, so that its buffer does not
 # fit in the last-level cache of a CPU (tens of MB) or the L2 of a GPU (50 MB on an
 # H100 / H200).

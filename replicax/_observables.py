@@ -5,6 +5,7 @@ used inside `SaveAt(fn=...)`. Functions of a flow (`speed`, `time_to`, `target_l
 `limit_log_p`) broadcast the flow's batch against their other arguments.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,8 @@ def _p_and_safe_log(log_p):
 def entropy(log_p: Float[Array, "*batch vocab"]) -> Float[Array, "*batch"]:
     """Shannon entropy `H(p) = -Σ p_i log p_i` (nats), with `0 log 0 = 0`."""
     p, safe, _ = _p_and_safe_log(log_p)
-    return -jnp.sum(p * safe, axis=-1)
+    # Rounding can leave a tiny negative for a near-vertex; entropy is >= 0.
+    return jnp.maximum(-jnp.sum(p * safe, axis=-1), 0)
 
 
 def kl(
@@ -42,7 +44,7 @@ def kl(
     q_alive = log_q > -jnp.inf
     safe_q = jnp.where(q_alive, log_q, 0)
     terms = jnp.where(alive, p * (safe_p - safe_q), 0)
-    out = jnp.sum(terms, axis=-1)
+    out = jnp.maximum(jnp.sum(terms, axis=-1), 0)  # >= 0 up to rounding
     impossible = jnp.any(alive & ~q_alive, axis=-1)
     return jnp.where(impossible, jnp.inf, out)
 
@@ -113,13 +115,14 @@ def argmax(log_p: Float[Array, "*batch vocab"]) -> Int[Array, "*batch"]:
     return jnp.argmax(log_p, axis=-1)
 
 
-def _map_rows(flow, log_p, fn, *, normalised=True) -> PyTree:
-    rows = prepare_rows(flow, log_y0=log_p) if normalised else prepare_rows(flow)
-    if normalised:
-        out = jax.vmap(fn)(rows.flow, rows.log_p0)
-    else:
-        out = jax.vmap(lambda f: fn(f, None))(rows.flow)
-    return jax.tree_util.tree_map(rows.unflatten, out)
+@eqx.filter_jit
+def _vmap_rows(fn, flow, log_p0, *args):
+    """`fn(flow_row, log_p0_row, *arg_rows)` over rows, compiled once per structure.
+
+    (Un-jitted, a vmapped closed form dispatches many small operations one by one.)"""
+    if log_p0 is None:
+        return jax.vmap(lambda f, *a: fn(f, None, *a))(flow, *args)
+    return jax.vmap(fn)(flow, log_p0, *args)
 
 
 def speed(
@@ -135,31 +138,36 @@ def speed(
     """
     log_p = jnp.asarray(log_p)
     t = jnp.asarray(t, log_p.dtype)
+    if aux is not None:
+        if log_p.ndim != 1:
+            raise ValueError("`aux` is only supported for a single context; use jax.vmap.")
+        return _speed_one(flow, log_p, t, aux)
+    rows = prepare_rows(flow, log_y0=log_p)
+    ts = jnp.broadcast_to(t, rows.log_p0.shape[:1])
+    return rows.unflatten(_vmap_rows(_speed_one, rows.flow, rows.log_p0, ts))
 
-    def one(flow_row, log_p_row):
-        support, _ = row_support(flow_row, log_p_row, log_p_row.shape[-1], log_p.dtype)
-        lp = jnp.where(support, log_p_row, -jnp.inf)
-        a = flow_row.score.init_aux(lp) if aux is None else aux
-        rate = flow_row.log_rate(t, lp, a, support)
-        p = jnp.exp(lp)
-        return jnp.sqrt(jnp.sum(p * rate**2))
 
-    if aux is not None and jnp.ndim(log_p) > 1:
-        raise ValueError("`aux` is only supported for a single context; use jax.vmap.")
-    return _map_rows(flow, log_p, one)
+def _speed_one(flow_row, log_p_row, t, aux=None):
+    support, _ = row_support(flow_row, log_p_row, log_p_row.shape[-1], log_p_row.dtype)
+    lp = jnp.where(support, log_p_row, -jnp.inf)
+    if aux is None:
+        aux = flow_row.score.init_aux(lp)
+    rate = flow_row.log_rate(t, lp, aux, support)
+    return jnp.sqrt(jnp.sum(jnp.exp(lp) * rate**2))
 
 
 def target_log_p(flow: AbstractFlow) -> Float[Array, "*out_batch vocab"]:
     """`log softmax(s/T)` on the support: the rest point of (E) and the point (R) passes
     at `t = 1` from uniform. Constant scores only."""
     _need_constant(flow, "target_log_p")
+    rows = prepare_rows(flow)
+    return rows.unflatten(_vmap_rows(_target_one, rows.flow, None))
 
-    def one(flow_row, _):
-        _, scores, support = _constant_row(flow_row, None)
-        s = scores / flow_row.temperature.astype(scores.dtype)
-        return jax.nn.log_softmax(jnp.where(support, s, -jnp.inf))
 
-    return _map_rows(flow, None, one, normalised=False)
+def _target_one(flow_row, _):
+    _, scores, support = _constant_row(flow_row, None)
+    s = scores / flow_row.temperature.astype(scores.dtype)
+    return jax.nn.log_softmax(jnp.where(support, s, -jnp.inf))
 
 
 def limit_log_p(
@@ -172,14 +180,11 @@ def limit_log_p(
     _need_constant(flow, "limit_log_p")
     rows = prepare_rows(flow, y0=y0, log_y0=log_y0)
 
-    def one(f, lp0):
-        return f.limit_log_p(*_constant_row(f, lp0))
+    return rows.unflatten(_vmap_rows(_limit_one, rows.flow, rows.log_p0))
 
-    if rows.log_p0 is None:
-        out = jax.vmap(lambda f: one(f, None))(rows.flow)
-    else:
-        out = jax.vmap(one)(rows.flow, rows.log_p0)
-    return rows.unflatten(out)
+
+def _limit_one(flow_row, log_p0_row):
+    return flow_row.limit_log_p(*_constant_row(flow_row, log_p0_row))
 
 
 def _constant_row(flow_row, log_p0_row):
@@ -239,19 +244,19 @@ def time_to(
         e = as_numpy(eps)
         if not np.all((e > 0) & np.isfinite(e)):
             raise ValueError(f"`eps` must be finite and > 0; received {e}.")
-    replicator = isinstance(flow, Replicator)
+    one = _time_to_bound_one if bound else _time_to_one
+    return rows.unflatten(_vmap_rows(one, rows.flow, rows.log_p0, eps))
 
-    def one(f, lp0, e):
-        log_p0, scores, support = _constant_row(f, lp0)
-        if replicator:
-            return _time_to_replicator(f, log_p0, scores, support, e, bound)
-        return _time_to_entropic(f, log_p0, scores, support, e, bound)
 
-    if rows.log_p0 is None:
-        out = jax.vmap(lambda f, e: one(f, None, e))(rows.flow, eps)
-    else:
-        out = jax.vmap(one)(rows.flow, rows.log_p0, eps)
-    return rows.unflatten(out)
+def _time_to_one(flow_row, log_p0_row, eps, bound=False):
+    log_p0, scores, support = _constant_row(flow_row, log_p0_row)
+    if isinstance(flow_row, Replicator):
+        return _time_to_replicator(flow_row, log_p0, scores, support, eps, bound)
+    return _time_to_entropic(flow_row, log_p0, scores, support, eps, bound)
+
+
+def _time_to_bound_one(flow_row, log_p0_row, eps):
+    return _time_to_one(flow_row, log_p0_row, eps, bound=True)
 
 
 def _masked_lse(x, mask):

@@ -429,7 +429,9 @@ def _solve_one(flow, log_p0, t0, t1, save_ts, saveat: SaveAt, ode):
             log_p = readout(theta, support)
             return log_p if fn is None else fn(t, log_p, flow)
 
-        saved = jax.vmap(at)(save_ts)
+        # With `fn`, one saved time at a time: only the observables are ever stored,
+        # never a (times, vocab) block per row.
+        saved = jax.vmap(at)(save_ts) if fn is None else jax.lax.map(at, save_ts)
         stats = dict(num_steps=zero, num_accepted_steps=zero, num_rejected_steps=zero)
         out_log_p, out_obs = (saved, None) if fn is None else (None, saved)
         return out_log_p, out_obs, None, stats, RESULTS.successful
