@@ -250,7 +250,7 @@ class ScoreSum(AbstractScore):
         return all(term.is_constant for term in self.terms)
 
     def __call__(self, t, log_p, aux):
-        zs = [term(t, log_p, a) for term, a in zip(self.terms, aux)]
+        zs = [term(t, log_p, a) for term, a in zip(self.terms, aux, strict=True)]
         return sum(zs[1:], zs[0])
 
     def init_aux(self, log_p0):
@@ -258,7 +258,7 @@ class ScoreSum(AbstractScore):
 
     def aux_rate(self, t, log_p, aux):
         return tuple(
-            term.aux_rate(t, log_p, a) for term, a in zip(self.terms, aux)
+            term.aux_rate(t, log_p, a) for term, a in zip(self.terms, aux, strict=True)
         )
 
     @property

@@ -2,6 +2,7 @@
 
 import diffrax
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
 
@@ -43,6 +44,4 @@ class Trajectory(eqx.Module):
         """Probabilities, `exp(log_p)` (computed on access; not stored)."""
         if self.log_p is None:
             raise ValueError("This trajectory saved observables only (SaveAt(fn=...)).")
-        import jax.numpy as jnp
-
         return jnp.exp(self.log_p)
