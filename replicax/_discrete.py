@@ -9,6 +9,7 @@
 Both work in log space, so no step ever leaves the simplex (unlike Euler in `p`).
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,12 +32,14 @@ def _iterate(flow, step_size, num_steps, y0, log_y0, decay: bool, name: str):
         raise ValueError(f"`step_size` must be a scalar; received shape {eta.shape}.")
     if is_concrete(eta) and not (np.isfinite(as_numpy(eta)) & (as_numpy(eta) > 0)):
         raise ValueError(f"`step_size` of {name} must be finite and > 0; received {eta}.")
-    return rows, _scan_rows(rows.flow, rows.log_p0, eta, num_steps, decay, rows.vocab_size)
+    return _scan_rows(rows, eta, num_steps, decay)
 
 
+@eqx.filter_jit
+def _scan_rows(rows, eta, num_steps, decay):
+    flow, log_p0 = rows.flat()
+    vocab_size = rows.vocab_size
 
-
-def _scan_rows(flow, log_p0, eta, num_steps, decay, vocab_size):
     def one(f, lp0):
         support, theta0 = row_support(f, lp0, vocab_size, eta.dtype)
         log_p = readout(theta0, support)
@@ -59,8 +62,8 @@ def _scan_rows(flow, log_p0, eta, num_steps, decay, vocab_size):
         return jnp.concatenate([log_p[None], path], axis=0)
 
     if log_p0 is None:
-        return jax.vmap(lambda f: one(f, None))(flow)
-    return jax.vmap(one)(flow, log_p0)
+        return rows.unflatten(jax.vmap(lambda f: one(f, None))(flow))
+    return rows.unflatten(jax.vmap(one)(flow, log_p0))
 
 
 def multiplicative_weights(
@@ -85,8 +88,7 @@ def multiplicative_weights(
     `log_p` of shape `(*batch, num_steps + 1, vocab)`, the start included. For constant
     scores, entry `k` equals the replicator's `log p(k η)` exactly.
     """
-    rows, out = _iterate(flow, step_size, num_steps, y0, log_y0, False, "multiplicative_weights")
-    return rows.unflatten(out)
+    return _iterate(flow, step_size, num_steps, y0, log_y0, False, "multiplicative_weights")
 
 
 def entropic_mirror_map(
@@ -102,5 +104,4 @@ def entropic_mirror_map(
     Arguments and return as `multiplicative_weights`. For constant scores and `η < 1`,
     entry `k` equals the entropic replicator's `log p(k h)` with `h = -log(1 - η)`.
     """
-    rows, out = _iterate(flow, step_size, num_steps, y0, log_y0, True, "entropic_mirror_map")
-    return rows.unflatten(out)
+    return _iterate(flow, step_size, num_steps, y0, log_y0, True, "entropic_mirror_map")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
-from ._misc import as_numpy, compute_dtype, is_concrete
+from ._misc import compute_dtype
 from ._scores import AbstractScore, Logits
 
 
@@ -48,22 +48,21 @@ class AbstractFlow(eqx.Module):
         if not isinstance(score, AbstractScore):
             score = Logits(score)
         self.score = score
-        temperature = jnp.asarray(temperature)
-        if not jnp.issubdtype(temperature.dtype, jnp.floating):
-            temperature = temperature.astype(compute_dtype(temperature.dtype))
-        self.temperature = temperature
-
-    def __check_init__(self):
-        if is_concrete(self.temperature):
-            temperature = as_numpy(self.temperature)
-            ok = np.isfinite(temperature) & (temperature > 0)
-            if not ok.all():
-                bad = temperature[~ok] if temperature.ndim else temperature
+        if isinstance(temperature, int | float | np.ndarray | np.number):
+            # Host values are checked now; device arrays are checked on device by
+            # `solve` (reading them here would wait for the device).
+            host = np.asarray(temperature, np.float64)
+            if not np.all(np.isfinite(host) & (host > 0)):
+                bad = host[~(np.isfinite(host) & (host > 0))] if host.ndim else host
                 raise ValueError(
                     "`temperature` must be finite and > 0; received "
                     f"{bad.reshape(-1)[0]}. Greedy decoding (T = 0) is the argmax, not "
                     "a flow."
                 )
+        temperature = jnp.asarray(temperature)
+        if not jnp.issubdtype(temperature.dtype, jnp.floating):
+            temperature = temperature.astype(compute_dtype(temperature.dtype))
+        self.temperature = temperature
 
     # -- one context ------------------------------------------------------------------
 
@@ -85,13 +84,22 @@ class AbstractFlow(eqx.Module):
         return jnp.where(support, rate - jnp.sum(p * rate), 0)
 
     @abc.abstractmethod
+    def decay(self, dt: Float[Array, ""]) -> Float[Array, ""]:
+        """Weight of `log p₀` in the closed form after time `dt` (constant scores)."""
+
+    @abc.abstractmethod
+    def coefficient(self, dt: Float[Array, ""]) -> Float[Array, ""]:
+        """Weight of the scores in the closed form after time `dt` (constant scores)."""
+
     def closed_form(
         self,
         dt: Float[Array, ""],
         log_p0: Float[Array, " vocab"],
         scores: Float[Array, " vocab"],
     ) -> Float[Array, " vocab"]:
-        """Unnormalised `θ(t0 + dt)` for constant scores, on the support."""
+        """Unnormalised `θ(t0 + dt) = decay(dt) log p₀ + coefficient(dt) s` on the support
+        (THEORY §1). The coefficient is a scalar computed first: one rounding per token."""
+        return self.decay(dt) * log_p0 + self.coefficient(dt) * scores
 
     @abc.abstractmethod
     def limit_log_p(
@@ -123,10 +131,11 @@ class Replicator(AbstractFlow):
 
     kappa: ClassVar[float] = 0.0
 
-    def closed_form(self, dt, log_p0, scores):
-        temperature = self.temperature.astype(scores.dtype)
-        # Scale the scalar first: one rounding per token instead of two.
-        return log_p0 + (dt / temperature) * scores
+    def decay(self, dt):
+        return jnp.ones_like(dt)
+
+    def coefficient(self, dt):
+        return dt / self.temperature.astype(dt.dtype)
 
     def limit_log_p(self, log_p0, scores, support):
         top = jnp.max(jnp.where(support, scores, -jnp.inf))
@@ -148,11 +157,12 @@ class EntropicReplicator(AbstractFlow):
 
     kappa: ClassVar[float] = 1.0
 
-    def closed_form(self, dt, log_p0, scores):
-        temperature = self.temperature.astype(scores.dtype)
-        decay = jnp.exp(-dt)
+    def decay(self, dt):
+        return jnp.exp(-dt)
+
+    def coefficient(self, dt):
         # -expm1(-dt) = 1 - e^{-dt}, accurate for small dt.
-        return decay * log_p0 + (-jnp.expm1(-dt) / temperature) * scores
+        return -jnp.expm1(-dt) / self.temperature.astype(dt.dtype)
 
     def limit_log_p(self, log_p0, scores, support):
         temperature = self.temperature.astype(scores.dtype)

@@ -65,18 +65,6 @@ def error_if_rows(
     return eqx.branched_error_if(x, jnp.any(flat), index, msgs)
 
 
-def check_rows(x: PyTree, bad, message: str, *, eager: bool) -> PyTree:
-    """Error if any row of `bad` is true: a `ValueError` now when `eager` (the values are
-    concrete), else an `eqx.error_if` at run time. `message` has an `{index}` field."""
-    if eager:
-        bad = np.asarray(bad)
-        if bad.any():
-            index = format_index(int(np.argmax(bad.reshape(-1))), bad.shape)
-            raise ValueError(message.format(index=index))
-        return x
-    return error_if_rows(x, bad, message)
-
-
 def format_index(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Unravel a flat batch index into a tuple of Python ints."""
     if not shape:

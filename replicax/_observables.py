@@ -14,7 +14,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, Replicator
 from ._misc import as_numpy, is_concrete
-from ._solve import prepare_rows, row_support
+from ._solve import prepare_rows, Rows, row_support
 
 
 def _p_and_safe_log(log_p):
@@ -116,13 +116,18 @@ def argmax(log_p: Float[Array, "*batch vocab"]) -> Int[Array, "*batch"]:
 
 
 @eqx.filter_jit
-def _vmap_rows(fn, flow, log_p0, *args):
-    """`fn(flow_row, log_p0_row, *arg_rows)` over rows, compiled once per structure.
+def _vmap_rows(fn, rows: Rows, *args):
+    """`fn(flow_row, log_p0_row, *arg_rows)` over rows, compiled once per structure; each
+    of `args` is broadcast to one value per row. Returns the batch-shaped output.
 
     (Un-jitted, a vmapped closed form dispatches many small operations one by one.)"""
+    flow, log_p0 = rows.flat()
+    args = [rows.broadcast(a) for a in args]
     if log_p0 is None:
-        return jax.vmap(lambda f, *a: fn(f, None, *a))(flow, *args)
-    return jax.vmap(fn)(flow, log_p0, *args)
+        out = jax.vmap(lambda f, *a: fn(f, None, *a))(flow, *args)
+    else:
+        out = jax.vmap(fn)(flow, log_p0, *args)
+    return rows.unflatten(out)
 
 
 def speed(
@@ -142,9 +147,7 @@ def speed(
         if log_p.ndim != 1:
             raise ValueError("`aux` is only supported for a single context; use jax.vmap.")
         return _speed_one(flow, log_p, t, aux)
-    rows = prepare_rows(flow, log_y0=log_p)
-    ts = jnp.broadcast_to(t, rows.log_p0.shape[:1])
-    return rows.unflatten(_vmap_rows(_speed_one, rows.flow, rows.log_p0, ts))
+    return _vmap_rows(_speed_one, prepare_rows(flow, log_y0=log_p), t)
 
 
 def _speed_one(flow_row, log_p_row, t, aux=None):
@@ -160,8 +163,7 @@ def target_log_p(flow: AbstractFlow) -> Float[Array, "*out_batch vocab"]:
     """`log softmax(s/T)` on the support: the rest point of (E) and the point (R) passes
     at `t = 1` from uniform. Constant scores only."""
     _need_constant(flow, "target_log_p")
-    rows = prepare_rows(flow)
-    return rows.unflatten(_vmap_rows(_target_one, rows.flow, None))
+    return _vmap_rows(_target_one, prepare_rows(flow))
 
 
 def _target_one(flow_row, _):
@@ -178,9 +180,7 @@ def limit_log_p(
     """`lim_{t→∞} log p(t)` for constant scores (THEORY §1): the argmax set of `s`
     weighted by `p₀` for (R); `softmax(s/T)` on the support of `p₀` for (E)."""
     _need_constant(flow, "limit_log_p")
-    rows = prepare_rows(flow, y0=y0, log_y0=log_y0)
-
-    return rows.unflatten(_vmap_rows(_limit_one, rows.flow, rows.log_p0))
+    return _vmap_rows(_limit_one, prepare_rows(flow, y0=y0, log_y0=log_y0))
 
 
 def _limit_one(flow_row, log_p0_row):
@@ -239,13 +239,13 @@ def time_to(
     _need_constant(flow, "time_to")
     eps = jnp.asarray(eps)
     rows = prepare_rows(flow, y0=y0, log_y0=log_y0, extra_batch_shapes=(eps.shape,))
-    eps = jnp.broadcast_to(eps.astype(rows.dtype), rows.batch_shape).reshape(-1)
-    if is_concrete(eps):
+    eps = eps.astype(rows.dtype)
+    if is_concrete(eps) and eps.size <= 4096:  # small: checking it now is cheap
         e = as_numpy(eps)
         if not np.all((e > 0) & np.isfinite(e)):
             raise ValueError(f"`eps` must be finite and > 0; received {e}.")
     one = _time_to_bound_one if bound else _time_to_one
-    return rows.unflatten(_vmap_rows(one, rows.flow, rows.log_p0, eps))
+    return _vmap_rows(one, rows, eps)
 
 
 def _time_to_one(flow_row, log_p0_row, eps, bound=False):

@@ -100,7 +100,9 @@ class Logits(AbstractScore):
     **Arguments:**
 
     - `logits`: array of shape `(*batch, vocab)`. `-inf` entries are masked tokens (the
-        flows run on the face of the remaining ones); NaN and `+inf` are errors.
+        flows run on the face of the remaining ones); NaN, `+inf` and rows with no finite
+        entry are errors, raised (with the batch index) by `solve` and the other entry
+        points, on device, without copying the logits to the host.
         Half-precision logits are computed in float32.
     """
 
@@ -118,24 +120,6 @@ class Logits(AbstractScore):
         if logits.shape[-1] == 0:
             raise ValueError("`logits` has an empty vocabulary axis (shape[-1] == 0).")
         self.logits = logits
-
-    def __check_init__(self):
-        if is_concrete(self.logits):
-            logits = as_numpy(self.logits)
-            bad = np.isnan(logits) | (logits == np.inf)
-            if bad.any():
-                index = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise ValueError(
-                    f"`logits` contains NaN or +inf (first at index {index}, batch "
-                    f"index {index[:-1]}). Use -inf to mask a token."
-                )
-            empty = np.all(logits == -np.inf, axis=-1)
-            if empty.any():
-                index = tuple(int(i) for i in np.argwhere(empty)[0])
-                raise ValueError(
-                    f"`logits` has a row that is all -inf at batch index {index}: "
-                    "no token is left to put mass on."
-                )
 
     def __call__(self, t, log_p, aux):
         del t, log_p, aux

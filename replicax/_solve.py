@@ -23,7 +23,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
-from ._misc import as_numpy, check_rows, compute_dtype, is_concrete
+from ._misc import as_numpy, compute_dtype, error_if_rows, is_concrete
 from ._saveat import SaveAt
 from ._scores import Logits
 from ._solution import RESULTS, Trajectory
@@ -159,7 +159,7 @@ def solve(
             ),
         )
 
-    out = _solve_rows(rows.flow, rows.log_p0, rows.checks, t0, t1, saveat, ode)
+    out = _solve_rows(rows, t0, t1, saveat, ode)
     ts_out, log_p, observables, aux, stats, result = out
     unflatten = rows.unflatten
     return Trajectory(
@@ -177,22 +177,51 @@ def solve(
 # Preparing rows (shared with `time_to` and the discrete maps)
 
 
-class _Checks(eqx.Module):
-    """Which run-time checks the jitted code still has to make (static flags)."""
-
-    logits: bool = eqx.field(static=True)
-    y0: str | None = eqx.field(static=True)  # None, "y0" or "log_y0"
-    y0_tol: float = eqx.field(static=True)
-    batch_shape: tuple[int, ...] = eqx.field(static=True)  # for the messages
-
-
 class Rows(eqx.Module):
-    flow: AbstractFlow  # every leaf of shape (rows, ...)
-    log_p0: Float[Array, "rows vocab"] | None
-    checks: _Checks
+    """A flow and its start, with the batch shape they broadcast to.
+
+    Built outside `jit` from shapes alone (no value is read, so nothing waits for the
+    device); `flat()` is called inside `jit`: it broadcasts every leaf to the batch shape,
+    flattens the batch to rows and adds the run-time checks of the values.
+    """
+
+    flow: AbstractFlow  # as given
+    start: Float[Array, "*start_batch vocab"] | None  # y0 or log_y0, as given
+    start_name: str | None = eqx.field(static=True)
     batch_shape: tuple[int, ...] = eqx.field(static=True)
     vocab_size: int = eqx.field(static=True)
     dtype: Any = eqx.field(static=True)
+
+    @property
+    def num_rows(self) -> int:
+        return math.prod(self.batch_shape)
+
+    def flat(self) -> tuple[AbstractFlow, Float[Array, "rows vocab"] | None]:
+        batch_shape, n = self.batch_shape, self.num_rows
+        flow = self.flow
+        score = flow.score.broadcast_batch(batch_shape)
+        temperature = jnp.broadcast_to(flow.temperature, batch_shape)
+        flow = eqx.tree_at(lambda f: (f.score, f.temperature), flow, (score, temperature))
+        flow = check_flow_values(flow, batch_shape)
+        flow = jtu.tree_map(
+            lambda x: x.reshape((n,) + x.shape[len(batch_shape) :])
+            if eqx.is_array(x)
+            else x,
+            flow,
+        )
+        if self.start is None:
+            return flow, None
+        start = self.start.astype(self.dtype)
+        log_p0 = jnp.log(start) if self.start_name == "y0" else start
+        log_p0 = jnp.broadcast_to(log_p0, batch_shape + (self.vocab_size,))
+        log_p0 = check_start(
+            log_p0, self.start_name, _Y0_TOLERANCE[self.dtype.itemsize], batch_shape
+        )
+        return flow, log_p0.reshape(n, self.vocab_size)
+
+    def broadcast(self, x: ArrayLike) -> Array:
+        """An extra per-row argument (e.g. `eps`) as one value per row."""
+        return jnp.broadcast_to(x, self.batch_shape).reshape(self.num_rows)
 
     def unflatten(self, x: Array) -> Array:
         return x.reshape(self.batch_shape + x.shape[1:])
@@ -205,7 +234,7 @@ def prepare_rows(
     log_y0: ArrayLike | None = None,
     extra_batch_shapes: tuple[tuple[int, ...], ...] = (),
 ) -> Rows:
-    """Broadcast a flow and its start to a common batch shape and flatten it to rows."""
+    """Check the shapes of a flow and its start and find their common batch shape."""
     if y0 is not None and log_y0 is not None:
         raise ValueError("Give at most one of `y0` and `log_y0`.")
     score = flow.score
@@ -221,7 +250,9 @@ def prepare_rows(
     if start is not None:
         start = jnp.asarray(start)
         if start.ndim == 0:
-            raise ValueError(f"`{start_name}` must have shape (*batch, vocab); received a scalar.")
+            raise ValueError(
+                f"`{start_name}` must have shape (*batch, vocab); received a scalar."
+            )
         if vocab_size is None:
             vocab_size = start.shape[-1]
         elif start.shape[-1] != vocab_size:
@@ -255,83 +286,52 @@ def prepare_rows(
             f"{score.batch_shape}, temperature {flow.temperature.shape}, "
             f"{start_name} {None if start is None else start.shape[:-1]}."
         ) from None
-
-    n = math.prod(batch_shape)
-    score = score.broadcast_batch(batch_shape)
-    temperature = jnp.broadcast_to(flow.temperature, batch_shape)
-    flow = eqx.tree_at(lambda f: (f.score, f.temperature), flow, (score, temperature))
-    flat_flow = jtu.tree_map(
-        lambda x: x.reshape((n,) + x.shape[len(batch_shape):]) if eqx.is_array(x) else x,
-        flow,
-    )
-
-    log_p0 = None
-    y0_check = None
-    tol = _Y0_TOLERANCE[dtype.itemsize]
-    if start is not None:
-        start = start.astype(dtype)
-        log_p0 = jnp.log(start) if start_name == "y0" else start
-        log_p0 = jnp.broadcast_to(log_p0, batch_shape + (vocab_size,)).reshape(n, vocab_size)
-        if is_concrete(log_p0):
-            check_start(as_numpy(log_p0), start_name, tol, batch_shape, eager=True)
-        else:
-            y0_check = start_name
-
-    logits_traced = not all(is_concrete(x) for x in jtu.tree_leaves(flat_flow))
-    checks = _Checks(
-        logits=logits_traced, y0=y0_check, y0_tol=tol, batch_shape=batch_shape
-    )
-    return Rows(flat_flow, log_p0, checks, batch_shape, vocab_size, dtype)
+    return Rows(flow, start, start_name, tuple(batch_shape), vocab_size, dtype)
 
 
-def check_start(log_p0, name, tol, batch_shape, *, eager):
-    """Errors for a start that is not a distribution (one message per failure kind).
-
-    With `eager`, `log_p0` is a numpy array and a `ValueError` is raised now."""
-    xp = np if eager else jnp
+def check_start(log_p0, name, tol, batch_shape):
+    """Run-time errors for a start that is not a distribution, naming the batch index."""
     if name == "y0":
-        bad_value = xp.any(xp.isnan(log_p0), axis=-1)
+        bad_value = jnp.any(jnp.isnan(log_p0), axis=-1)
         value_msg = "`y0` has a negative or NaN entry at batch index {index}."
     else:
-        bad_value = xp.any(xp.isnan(log_p0) | (log_p0 == np.inf), axis=-1)
+        bad_value = jnp.any(jnp.isnan(log_p0) | (log_p0 == jnp.inf), axis=-1)
         value_msg = "`log_y0` has a NaN or +inf entry at batch index {index}."
-    total = xp.sum(xp.exp(xp.where(xp.isnan(log_p0), -np.inf, log_p0)), axis=-1)
-    bad_sum = ~bad_value & ~(xp.abs(total - 1) <= tol)
+    total = jnp.sum(jnp.exp(jnp.where(jnp.isnan(log_p0), -jnp.inf, log_p0)), axis=-1)
+    bad_sum = ~bad_value & ~(jnp.abs(total - 1) <= tol)
     what = "sum to 1" if name == "y0" else "be normalised (logsumexp 0)"
     sum_msg = f"`{name}` must {what} within {tol:g}; it does not at batch index {{index}}."
-    log_p0 = check_rows(log_p0, bad_value.reshape(batch_shape), value_msg, eager=eager)
-    return check_rows(log_p0, bad_sum.reshape(batch_shape), sum_msg, eager=eager)
+    log_p0 = error_if_rows(log_p0, bad_value, value_msg)
+    return error_if_rows(log_p0, bad_sum, sum_msg)
 
 
 def check_flow_values(flow: AbstractFlow, batch_shape) -> AbstractFlow:
-    """Run-time checks of traced logits and temperatures (rows of a flattened flow)."""
+    """Run-time checks of logits and temperatures (leaves broadcast to `batch_shape`).
+
+    These are checks on device (`eqx.error_if`): nothing is copied to the host, and a
+    bad row is named by its batch index."""
+    del batch_shape  # the leaves carry it
     temperature = flow.temperature
-    bad_t = ~(jnp.isfinite(temperature) & (temperature > 0))
-    temperature = check_rows(
+    temperature = error_if_rows(
         temperature,
-        bad_t.reshape(batch_shape),
+        ~(jnp.isfinite(temperature) & (temperature > 0)),
         "`temperature` must be finite and > 0; it is not at batch index {index}.",
-        eager=False,
     )
 
     def check_logits(term):
         if not isinstance(term, Logits):
             return term
         logits = term.logits
-        bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
-        empty = jnp.all(logits == -jnp.inf, axis=-1)
-        logits = check_rows(
+        logits = error_if_rows(
             logits,
-            bad.reshape(batch_shape),
+            jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1),
             "`logits` contains NaN or +inf at batch index {index}. Use -inf to mask "
             "a token.",
-            eager=False,
         )
-        logits = check_rows(
+        logits = error_if_rows(
             logits,
-            empty.reshape(batch_shape),
+            jnp.all(logits == -jnp.inf, axis=-1),
             "`logits` is all -inf at batch index {index}: no token is left.",
-            eager=False,
         )
         return eqx.tree_at(lambda t: t.logits, term, logits)
 
@@ -357,13 +357,8 @@ class _OdeOptions(eqx.Module):
 
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)
-def _solve_rows(flow, log_p0, checks: _Checks, t0, t1, saveat: SaveAt, ode):
-    if checks.logits:
-        flow = check_flow_values(flow, checks.batch_shape)
-    if log_p0 is not None and checks.y0 is not None:
-        log_p0 = check_start(
-            log_p0, checks.y0, checks.y0_tol, checks.batch_shape, eager=False
-        )
+def _solve_rows(rows: Rows, t0, t1, saveat: SaveAt, ode):
+    flow, log_p0 = rows.flat()
     save_ts = saved_times(t0, t1, saveat)
 
     def one(flow_row, log_p0_row):
@@ -412,22 +407,35 @@ def _solve_one(flow, log_p0, t0, t1, save_ts, saveat: SaveAt, ode):
     support, theta0 = row_support(flow, log_p0, vocab_size, dtype)
     if log_p0 is not None:
         # y0 may put all its mass on tokens that the logits mask.
-        theta0 = check_rows(
+        theta0 = eqx.error_if(
             theta0,
             ~jnp.any(support),
             "`y0` puts no mass on any token allowed by the logits.",
-            eager=False,
         )
     fn = saveat.fn
     zero = jnp.zeros((), jnp.int32)
 
     if ode is None:
         scores = flow.score.constant_value().astype(dtype)
+        if log_p0 is None:
+            # From uniform, θ(t) = c(t) s with c >= 0, whose maximum on the face is
+            # c(t) max s: known without a pass over the vocabulary, so each saved time
+            # costs one reduction (the normaliser) and one write, and no (times, vocab)
+            # intermediate is needed.
+            top = jnp.max(jnp.where(support, scores, -jnp.inf))
+            centred = jnp.where(support, scores - top, 0)
 
-        def at(t):
-            theta = flow.closed_form(t - t0, theta0, scores)
-            log_p = readout(theta, support)
-            return log_p if fn is None else fn(t, log_p, flow)
+            def at(t):
+                x = jnp.where(support, flow.coefficient(t - t0) * centred, -jnp.inf)
+                log_p = x - jnp.log(jnp.sum(jnp.exp(x)))
+                return log_p if fn is None else fn(t, log_p, flow)
+
+        else:
+
+            def at(t):
+                theta = flow.closed_form(t - t0, theta0, scores)
+                log_p = readout(theta, support)
+                return log_p if fn is None else fn(t, log_p, flow)
 
         # With `fn`, one saved time at a time: only the observables are ever stored,
         # never a (times, vocab) block per row.
