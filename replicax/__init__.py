@@ -14,11 +14,15 @@ from ._flows import (
 from ._observables import (
     arc_length as arc_length,
     argmax as argmax,
+    discarded_mass as discarded_mass,
     entropy as entropy,
+    face as face,
     fisher_rao_distance as fisher_rao_distance,
     free_energy as free_energy,
     kl as kl,
     limit_log_p as limit_log_p,
+    nucleus_size as nucleus_size,
+    projection_cost as projection_cost,
     speed as speed,
     target_log_p as target_log_p,
     time_to as time_to,
@@ -33,6 +37,17 @@ from ._scores import (
     SelfReinforcement as SelfReinforcement,
 )
 from ._solution import RESULTS as RESULTS, Trajectory as Trajectory
+from ._support import (
+    AbstractSupport as AbstractSupport,
+    Epsilon as Epsilon,
+    Eta as Eta,
+    Full as Full,
+    Mask as Mask,
+    MinP as MinP,
+    TopK as TopK,
+    TopP as TopP,
+    Typical as Typical,
+)
 from ._solve import solve as solve
 
 

@@ -9,12 +9,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Int, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, Replicator
 from ._misc import as_numpy, is_concrete
 from ._solve import prepare_rows, Rows, row_support
+from ._support import TopP
 
 
 def _p_and_safe_log(log_p):
@@ -159,11 +160,15 @@ def _speed_one(flow_row, log_p_row, t, aux=None):
     return jnp.sqrt(jnp.sum(jnp.exp(lp) * rate**2))
 
 
-def target_log_p(flow: AbstractFlow) -> Float[Array, "*out_batch vocab"]:
-    """`log softmax(s/T)` on the support: the rest point of (E) and the point (R) passes
-    at `t = 1` from uniform. Constant scores only."""
+def target_log_p(
+    flow: AbstractFlow, *, support=None, temperature_first: bool = True
+) -> Float[Array, "*out_batch vocab"]:
+    """`log softmax(s/T)` on the support (and on the face of `support`, as in `solve`):
+    the rest point of (E) and the point (R) passes at `t = 1` from uniform. With a face
+    this is the distribution transformers samples from after its warpers."""
     _need_constant(flow, "target_log_p")
-    return _vmap_rows(_target_one, prepare_rows(flow))
+    rows = prepare_rows(flow, support=support, temperature_first=temperature_first)
+    return _vmap_rows(_target_one, rows)
 
 
 def _target_one(flow_row, _):
@@ -176,11 +181,18 @@ def limit_log_p(
     flow: AbstractFlow,
     y0: Float[ArrayLike, "*batch vocab"] | None = None,
     log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
+    *,
+    support=None,
+    temperature_first: bool = True,
 ) -> Float[Array, "*out_batch vocab"]:
     """`lim_{t→∞} log p(t)` for constant scores (THEORY §1): the argmax set of `s`
-    weighted by `p₀` for (R); `softmax(s/T)` on the support of `p₀` for (E)."""
+    weighted by `p₀` for (R); `softmax(s/T)` on the support of `p₀` for (E). `support`
+    and `temperature_first` as in `solve`."""
     _need_constant(flow, "limit_log_p")
-    return _vmap_rows(_limit_one, prepare_rows(flow, y0=y0, log_y0=log_y0))
+    rows = prepare_rows(
+        flow, y0=y0, log_y0=log_y0, support=support, temperature_first=temperature_first
+    )
+    return _vmap_rows(_limit_one, rows)
 
 
 def _limit_one(flow_row, log_p0_row):
@@ -201,6 +213,58 @@ def _need_constant(flow, name):
         raise ValueError(f"`{name}` needs a constant score (closed forms only).")
 
 
+def face(
+    flow: AbstractFlow, support, *, temperature_first: bool = True
+) -> Bool[Array, "*out_batch vocab"]:
+    """The face (tokens kept) that `support` leaves for each context of `flow`, as `solve`
+    uses it: `True` where transformers' warpers would leave a finite logit."""
+    rows = prepare_rows(flow, support=support, temperature_first=temperature_first)
+    return _vmap_rows(_face_one, rows)
+
+
+def _face_one(flow_row, _):
+    return flow_row.score.support()
+
+
+def discarded_mass(
+    log_p: Float[Array, "*batch vocab"], face_mask: Bool[ArrayLike, "*face_batch vocab"]
+) -> Float[Array, "*batch"]:
+    """Mass a truncation to `face_mask` throws away, `1 - p(S)` (THEORY §3)."""
+    face_mask = jnp.broadcast_to(jnp.asarray(face_mask), log_p.shape)
+    kept = jnp.sum(jnp.where(face_mask, jnp.exp(log_p), 0), axis=-1)
+    return jnp.clip(1 - kept, 0, 1)
+
+
+def projection_cost(
+    log_p: Float[Array, "*batch vocab"], face_mask: Bool[ArrayLike, "*face_batch vocab"]
+) -> Float[Array, "*batch"]:
+    """Cost of restricting `p` to the face, `KL(p|_S ‖ p) = -log p(S)` (THEORY §3): the
+    I-projection onto the face."""
+    face_mask = jnp.broadcast_to(jnp.asarray(face_mask), log_p.shape)
+    kept = jax.nn.logsumexp(jnp.where(face_mask, log_p, -jnp.inf), axis=-1)
+    return jnp.maximum(-kept, 0)
+
+
+def nucleus_size(
+    logits: Float[ArrayLike, "*batch vocab"],
+    temperatures: Float[ArrayLike, " temperatures"],
+    top_p: float | Float[ArrayLike, ""],
+    *,
+    min_tokens_to_keep: int = 1,
+) -> Int[Array, "*batch temperatures"]:
+    """Number of tokens in the top-p set of `softmax(logits / T)` for each temperature
+    (transformers' rule): the face of `TopP` grows with `T` (THEORY §3)."""
+    logits = jnp.asarray(logits)
+    temperatures = jnp.asarray(temperatures, logits.dtype)
+    top_p_support = TopP(top_p, min_tokens_to_keep=min_tokens_to_keep)
+
+    def count(T):
+        flow = Replicator(logits, T)
+        return jnp.sum(face(flow, top_p_support), axis=-1)
+
+    return jnp.stack([count(T) for T in temperatures], axis=-1)
+
+
 _BISECTION_STEPS = 80
 
 
@@ -210,6 +274,8 @@ def time_to(
     *,
     y0: Float[ArrayLike, "*batch vocab"] | None = None,
     log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
+    support=None,
+    temperature_first: bool = True,
     bound: bool = False,
 ) -> Float[Array, "*out_batch"]:
     """Time for a flow with constant scores to come within `eps` of where it ends.
@@ -228,6 +294,8 @@ def time_to(
     - `flow`: a flow whose score is constant (`Logits`).
     - `eps`: threshold `> 0`, a scalar or one per batch row.
     - `y0`, `log_y0`: start as in `solve` (default uniform).
+    - `support`, `temperature_first`: a face, as in `solve` (the formulas hold on it
+        with `V -> |S|`).
     - `bound`: return the closed-form upper bound above instead of the exact time.
 
     **Returns:**
@@ -238,7 +306,14 @@ def time_to(
     """
     _need_constant(flow, "time_to")
     eps = jnp.asarray(eps)
-    rows = prepare_rows(flow, y0=y0, log_y0=log_y0, extra_batch_shapes=(eps.shape,))
+    rows = prepare_rows(
+        flow,
+        y0=y0,
+        log_y0=log_y0,
+        support=support,
+        temperature_first=temperature_first,
+        extra_batch_shapes=(eps.shape,),
+    )
     eps = eps.astype(rows.dtype)
     if is_concrete(eps) and eps.size <= 4096:  # small: checking it now is cheap
         e = as_numpy(eps)

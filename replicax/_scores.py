@@ -74,6 +74,15 @@ class AbstractScore(eqx.Module):
             f"{type(self).__name__} is not constant, so it has no closed form."
         )
 
+    def constant_logits(self) -> Float[Array, "*batch vocab"] | None:
+        """The time- and state-independent part of the score, `-inf` off its support
+        (what decoding truncations such as top-p are evaluated on); `None` if none."""
+        if not self.is_constant:
+            return None
+        value = self.constant_value()
+        mask = self.support()
+        return value if mask is None else jnp.where(mask, value, -jnp.inf)
+
     def __add__(self, other):
         if not isinstance(other, AbstractScore):
             return NotImplemented
@@ -269,5 +278,45 @@ class ScoreSum(AbstractScore):
         return out
 
     def constant_value(self):
-        values = [term.constant_value() for term in self.terms]
+        # A face contributes no score, only its support.
+        terms = [t for t in self.terms if not isinstance(t, FaceMask)]
+        values = [term.constant_value() for term in terms]
         return sum(values[1:], values[0])
+
+    def constant_logits(self):
+        values = [v for v in (t.constant_logits() for t in self.terms) if v is not None]
+        return sum(values[1:], values[0]) if values else None
+
+
+class FaceMask(AbstractScore):
+    """A face as a (zero) score term: the tokens outside `mask` are removed, once.
+
+    `solve` adds one when it is given `support=`; users pass supports, not this."""
+
+    is_constant: ClassVar[bool] = True
+    mask: Bool[Array, "*batch vocab"]
+
+    def __call__(self, t, log_p, aux):
+        del t, aux
+        return jnp.zeros_like(log_p)
+
+    def constant_value(self):
+        return jnp.broadcast_to(jnp.asarray(0.0), self.mask.shape)  # weakly typed
+
+    def constant_logits(self):
+        return None  # the face does not change the logits it was computed from
+
+    def support(self):
+        return self.mask
+
+    @property
+    def vocab_size(self):
+        return self.mask.shape[-1]
+
+    @property
+    def batch_shape(self):
+        return self.mask.shape[:-1]
+
+    def broadcast_batch(self, batch_shape):
+        mask = jnp.broadcast_to(self.mask, batch_shape + self.mask.shape[-1:])
+        return eqx.tree_at(lambda s: s.mask, self, mask)

@@ -25,7 +25,8 @@ from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
 from ._misc import as_numpy, compute_dtype, error_if_rows, is_concrete
 from ._saveat import SaveAt
-from ._scores import Logits
+from ._scores import FaceMask, Logits
+from ._support import AbstractSupport, Mask, as_supports, face_of_row
 from ._solution import RESULTS, Trajectory
 
 
@@ -41,6 +42,8 @@ def solve(
     y0: Float[ArrayLike, "*batch vocab"] | None = None,
     log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
     saveat: SaveAt | None = None,
+    support: Any = None,
+    temperature_first: bool = True,
     method: Literal["auto", "exact", "ode"] = "auto",
     solver: diffrax.AbstractSolver | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
@@ -69,6 +72,14 @@ def solve(
     - `log_y0`: the same given as log-probabilities (`-inf` allowed, NaN and `+inf`
         not). Give at most one of `y0`, `log_y0`.
     - `saveat`: a `SaveAt`; default `SaveAt(t1=True)`.
+    - `support`: a face (`TopK`, `TopP`, `MinP`, `Typical`, `Epsilon`, `Eta`, `Mask`,
+        `Full`) or a list of them applied in order, as transformers' warpers are. The face
+        is evaluated once, on the constant logits, and the flow runs on it (THEORY §3):
+        tokens off it get `log p = -inf` at every time, including `t0` (the start is
+        I-projected onto the face).
+    - `temperature_first`: evaluate the supports on `logits / T` (default, the order of
+        transformers' generation: temperature warper first) or on the raw logits. Top-k
+        and masks do not depend on it; top-p, min-p, typical, epsilon and eta do.
     - `method`: `"exact"` uses the closed forms of THEORY §1 (constant scores only);
         `"ode"` integrates with diffrax; `"auto"` (default) picks `"exact"` when the
         score is constant and no `solver` or `stepsize_controller` was given.
@@ -128,7 +139,9 @@ def solve(
         and stepsize_controller is None
     )
 
-    rows = prepare_rows(flow, y0=y0, log_y0=log_y0)
+    rows = prepare_rows(
+        flow, y0=y0, log_y0=log_y0, support=support, temperature_first=temperature_first
+    )
     dtype = rows.dtype
     t0 = _as_scalar(t0, "t0", dtype)
     t1 = _as_scalar(t1, "t1", dtype)
@@ -187,10 +200,12 @@ class Rows(eqx.Module):
 
     flow: AbstractFlow  # as given
     start: Float[Array, "*start_batch vocab"] | None  # y0 or log_y0, as given
+    supports: tuple[AbstractSupport, ...]
     start_name: str | None = eqx.field(static=True)
     batch_shape: tuple[int, ...] = eqx.field(static=True)
     vocab_size: int = eqx.field(static=True)
     dtype: Any = eqx.field(static=True)
+    temperature_first: bool = eqx.field(static=True, default=True)
 
     @property
     def num_rows(self) -> int:
@@ -203,12 +218,18 @@ class Rows(eqx.Module):
         temperature = jnp.broadcast_to(flow.temperature, batch_shape)
         flow = eqx.tree_at(lambda f: (f.score, f.temperature), flow, (score, temperature))
         flow = check_flow_values(flow, batch_shape)
-        flow = jtu.tree_map(
+        flatten = lambda tree: jtu.tree_map(  # noqa: E731
             lambda x: x.reshape((n,) + x.shape[len(batch_shape) :])
             if eqx.is_array(x)
             else x,
-            flow,
+            tree,
         )
+        flow = flatten(flow)
+        if self.supports:
+            supports = tuple(
+                flatten(s.broadcast_batch(batch_shape).check()) for s in self.supports
+            )
+            flow = _restrict_to_face(flow, supports, self.temperature_first)
         if self.start is None:
             return flow, None
         start = self.start.astype(self.dtype)
@@ -227,16 +248,46 @@ class Rows(eqx.Module):
         return x.reshape(self.batch_shape + x.shape[1:])
 
 
+def _restrict_to_face(flow, supports, temperature_first):
+    """Add the face the supports leave (one per row) to the flow's score as `-inf`s."""
+
+    def face(flow_row, supports_row):
+        logits = flow_row.score.constant_logits()
+        return face_of_row(logits, flow_row.temperature, supports_row, temperature_first)
+
+    mask = jax.vmap(face)(flow, supports)
+    mask = error_if_rows(
+        mask,
+        ~jnp.any(mask & _support_rows(flow, mask.shape), axis=-1),
+        "`support` leaves no token at (flattened) row {index}.",
+    )
+    return eqx.tree_at(lambda f: f.score, flow, flow.score + FaceMask(mask))
+
+
+def _support_rows(flow, shape):
+    support = jax.vmap(lambda f: f.score.support())(flow)
+    return jnp.ones(shape, bool) if support is None else support
+
+
 def prepare_rows(
     flow: AbstractFlow,
     *,
     y0: ArrayLike | None = None,
     log_y0: ArrayLike | None = None,
+    support=None,
+    temperature_first: bool = True,
     extra_batch_shapes: tuple[tuple[int, ...], ...] = (),
 ) -> Rows:
-    """Check the shapes of a flow and its start and find their common batch shape."""
+    """Check the shapes of a flow, its start and its supports, and find their common
+    batch shape."""
     if y0 is not None and log_y0 is not None:
         raise ValueError("Give at most one of `y0` and `log_y0`.")
+    supports = as_supports(support)
+    if supports and flow.score.constant_logits() is None:
+        raise ValueError(
+            "`support` is evaluated on the constant logits of the score, and this score "
+            "has none: add a `Logits` term."
+        )
     score = flow.score
     vocab_size = score.vocab_size
 
@@ -278,6 +329,7 @@ def prepare_rows(
             score.batch_shape,
             flow.temperature.shape,
             () if start is None else start.shape[:-1],
+            *(s.batch_shape for s in supports),
             *extra_batch_shapes,
         )
     except ValueError:
@@ -286,7 +338,22 @@ def prepare_rows(
             f"{score.batch_shape}, temperature {flow.temperature.shape}, "
             f"{start_name} {None if start is None else start.shape[:-1]}."
         ) from None
-    return Rows(flow, start, start_name, tuple(batch_shape), vocab_size, dtype)
+    for s in supports:
+        if isinstance(s, Mask) and s.mask.shape[-1] != vocab_size:
+            raise ValueError(
+                f"`Mask` must have shape (*batch, {vocab_size}); received shape "
+                f"{s.mask.shape}."
+            )
+    return Rows(
+        flow,
+        start,
+        supports,
+        start_name,
+        tuple(batch_shape),
+        vocab_size,
+        dtype,
+        temperature_first,
+    )
 
 
 def check_start(log_p0, name, tol, batch_shape):

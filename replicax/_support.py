@@ -1,0 +1,382 @@
+"""Faces of the simplex: the truncations used in decoding (THEORY §3).
+
+Each support is a filter on one context's (temperature-scaled) logits that sets the tokens it
+removes to `-inf`, with the same arithmetic, tie-breaking and `min_tokens_to_keep` rule as the
+corresponding Hugging Face `transformers` logits warper. A list of supports is applied in
+order, each seeing the output of the previous one, as a `LogitsProcessorList` does. The face
+is what survives; the flows run on it (restrict-then-flow = flow-then-restrict).
+
+Parameters (`top_k`, `top_p`, `min_p`, `mass`, `epsilon`) are dynamic arrays, a scalar or
+one per batch row: new values do not recompile. `min_tokens_to_keep` is static.
+"""
+
+import abc
+from collections.abc import Sequence
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from ._misc import error_if_rows
+
+
+class AbstractSupport(eqx.Module):
+    """Base class of the faces. Subclasses implement `filter` for one context."""
+
+    # Names of the fields that hold one value per batch row (or a scalar).
+    row_fields: ClassVar[tuple[str, ...]] = ()
+
+    @abc.abstractmethod
+    def filter(self, scores: Float[Array, " vocab"]) -> Float[Array, " vocab"]:
+        """`scores` with the removed tokens set to `-inf` (one context)."""
+
+    def check(self) -> "AbstractSupport":
+        """Run-time checks of traced parameters (leaves already broadcast to the batch)."""
+        return self
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        shapes = [getattr(self, name).shape for name in self.row_fields]
+        return jnp.broadcast_shapes(*shapes) if shapes else ()
+
+    def broadcast_batch(self, batch_shape: tuple[int, ...]) -> "AbstractSupport":
+        if not self.row_fields:
+            return self
+        values = tuple(
+            jnp.broadcast_to(getattr(self, name), batch_shape) for name in self.row_fields
+        )
+        return eqx.tree_at(
+            lambda s: tuple(getattr(s, name) for name in self.row_fields), self, values
+        )
+
+
+def _check_min_tokens(min_tokens_to_keep):
+    if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+        raise ValueError(
+            "`min_tokens_to_keep` must be an int >= 1; received "
+            f"{min_tokens_to_keep!r}."
+        )
+
+
+def _param(value, name: str, dtype, low, high, *, low_open: bool, high_open: bool):
+    """A parameter as an array, checked now when it is a host value."""
+    if isinstance(value, int | float | np.ndarray | np.number | list | tuple):
+        host = np.asarray(value, np.float64)
+        ok = np.isfinite(host)
+        ok &= host > low if low_open else host >= low
+        ok &= host < high if high_open else host <= high
+        if not np.all(ok):
+            interval = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+            raise ValueError(
+                f"`{name}` must be in {interval}; received {host[~ok].reshape(-1)[0]}."
+            )
+    value = jnp.asarray(value)
+    if dtype is not None:
+        value = value.astype(dtype)
+    return value
+
+
+def _check_range(value, name, low, high, *, low_open, high_open):
+    ok = jnp.isfinite(value)
+    ok &= value > low if low_open else value >= low
+    ok &= value < high if high_open else value <= high
+    interval = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+    return error_if_rows(
+        value, ~ok, f"`{name}` must be in {interval}; it is not at batch index {{index}}."
+    )
+
+
+def _kth_largest(scores, k):
+    """The `k`-th largest entry (k dynamic, 1-based): what `torch.topk(...)[0][-1]` gives."""
+    ascending = jnp.sort(scores)
+    return jnp.take(ascending, scores.shape[-1] - k)
+
+
+def _softmax(scores):
+    # As torch.softmax on a row that may hold -inf (at least one entry finite).
+    return jax.nn.softmax(scores)
+
+
+class Full(AbstractSupport):
+    """The whole simplex: no truncation."""
+
+    def filter(self, scores):
+        return scores
+
+
+class TopK(AbstractSupport):
+    """Keep the `top_k` largest logits (ties with the `top_k`-th are kept), as
+    `transformers.TopKLogitsWarper`. Independent of temperature.
+
+    **Arguments:**
+
+    - `top_k`: an int `>= 1` (clipped to the vocabulary size), or one per batch row.
+    - `min_tokens_to_keep`: at least this many tokens survive (`top_k` is raised to it).
+    """
+
+    row_fields: ClassVar[tuple[str, ...]] = ("top_k",)
+    top_k: Int[Array, "*batch"]
+    min_tokens_to_keep: int = eqx.field(static=True)
+
+    def __init__(self, top_k: Int[ArrayLike, "*batch"] | int, min_tokens_to_keep: int = 1):
+        _check_min_tokens(min_tokens_to_keep)
+        if isinstance(top_k, float) or (
+            isinstance(top_k, np.ndarray | jax.Array)
+            and not jnp.issubdtype(jnp.asarray(top_k).dtype, jnp.integer)
+        ):
+            raise ValueError(f"`top_k` must be an integer; received {top_k!r}.")
+        self.top_k = _param(top_k, "top_k", None, 1, np.inf, low_open=False, high_open=True)
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def check(self):
+        bad = self.top_k < 1
+        top_k = error_if_rows(
+            self.top_k, bad, "`top_k` must be >= 1; it is not at batch index {index}."
+        )
+        return eqx.tree_at(lambda s: s.top_k, self, top_k)
+
+    def filter(self, scores):
+        vocab = scores.shape[-1]
+        k = jnp.clip(jnp.maximum(self.top_k, self.min_tokens_to_keep), 1, vocab)
+        return jnp.where(scores < _kth_largest(scores, k), -jnp.inf, scores)
+
+
+class TopP(AbstractSupport):
+    """Nucleus: the smallest set of most likely tokens with mass `>= top_p`, as
+    `transformers.TopPLogitsWarper` (tokens sorted by logit, ascending; those whose
+    cumulative probability is `<= 1 - top_p` removed). Grows with temperature.
+
+    **Arguments:**
+
+    - `top_p`: in `(0, 1]`, or one per batch row. `1.0` keeps every token.
+    - `min_tokens_to_keep`: at least this many tokens survive.
+    """
+
+    row_fields: ClassVar[tuple[str, ...]] = ("top_p",)
+    top_p: Float[Array, "*batch"]
+    min_tokens_to_keep: int = eqx.field(static=True)
+
+    def __init__(self, top_p: Float[ArrayLike, "*batch"] | float, min_tokens_to_keep: int = 1):
+        _check_min_tokens(min_tokens_to_keep)
+        self.top_p = _param(top_p, "top_p", None, 0, 1, low_open=True, high_open=False)
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def check(self):
+        top_p = _check_range(self.top_p, "top_p", 0, 1, low_open=True, high_open=False)
+        return eqx.tree_at(lambda s: s.top_p, self, top_p)
+
+    def filter(self, scores):
+        vocab = scores.shape[-1]
+        order = jnp.argsort(scores, stable=True)
+        cumulative = jnp.cumsum(_softmax(scores[order]))
+        remove = cumulative <= 1 - self.top_p.astype(scores.dtype)
+        remove &= jnp.arange(vocab) < vocab - self.min_tokens_to_keep
+        remove = jnp.zeros(vocab, bool).at[order].set(remove)
+        return jnp.where(remove, -jnp.inf, scores)
+
+
+class MinP(AbstractSupport):
+    """Keep tokens with probability `>= min_p × (top probability)`, as
+    `transformers.MinPLogitsWarper`. In logits: `s_i >= max s + T log min_p`; grows with T.
+
+    **Arguments:**
+
+    - `min_p`: in `(0, 1]`, or one per batch row.
+    - `min_tokens_to_keep`: at least this many (most likely) tokens survive.
+    """
+
+    row_fields: ClassVar[tuple[str, ...]] = ("min_p",)
+    min_p: Float[Array, "*batch"]
+    min_tokens_to_keep: int = eqx.field(static=True)
+
+    def __init__(self, min_p: Float[ArrayLike, "*batch"] | float, min_tokens_to_keep: int = 1):
+        _check_min_tokens(min_tokens_to_keep)
+        self.min_p = _param(min_p, "min_p", None, 0, 1, low_open=True, high_open=False)
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def check(self):
+        min_p = _check_range(self.min_p, "min_p", 0, 1, low_open=True, high_open=False)
+        return eqx.tree_at(lambda s: s.min_p, self, min_p)
+
+    def filter(self, scores):
+        probs = _softmax(scores)
+        remove = probs < self.min_p.astype(probs.dtype) * jnp.max(probs)
+        k = min(self.min_tokens_to_keep, scores.shape[-1])
+        _, top = jax.lax.top_k(probs, k)
+        remove = remove.at[top].set(False)
+        return jnp.where(remove, -jnp.inf, scores)
+
+
+class Typical(AbstractSupport):
+    """Locally typical sampling, as `transformers.TypicalLogitsWarper`: tokens sorted by
+    `|-log p_i - H(p)|`, kept until their mass reaches `mass`.
+
+    **Arguments:**
+
+    - `mass`: in `(0, 1)`, or one per batch row (transformers' `typical_p`).
+    - `min_tokens_to_keep`: at least this many tokens survive.
+    """
+
+    row_fields: ClassVar[tuple[str, ...]] = ("mass",)
+    mass: Float[Array, "*batch"]
+    min_tokens_to_keep: int = eqx.field(static=True)
+
+    def __init__(self, mass: Float[ArrayLike, "*batch"] | float = 0.9, min_tokens_to_keep: int = 1):
+        _check_min_tokens(min_tokens_to_keep)
+        self.mass = _param(mass, "mass", None, 0, 1, low_open=True, high_open=True)
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def check(self):
+        mass = _check_range(self.mass, "mass", 0, 1, low_open=True, high_open=True)
+        return eqx.tree_at(lambda s: s.mass, self, mass)
+
+    def filter(self, scores):
+        vocab = scores.shape[-1]
+        log_p = jax.nn.log_softmax(scores)
+        p = jnp.exp(log_p)
+        alive = scores > -jnp.inf
+        entropy = -jnp.sum(jnp.where(alive, log_p * p, 0))
+        shifted = jnp.abs(-log_p - entropy)  # +inf off the support
+        order = jnp.argsort(shifted, stable=True)
+        sorted_shifted = shifted[order]
+        cumulative = jnp.cumsum(_softmax(scores[order]))
+        last = jnp.minimum(jnp.sum(cumulative < self.mass.astype(scores.dtype)), vocab - 1)
+        remove = sorted_shifted > sorted_shifted[last]
+        remove &= jnp.arange(vocab) >= self.min_tokens_to_keep
+        remove = jnp.zeros(vocab, bool).at[order].set(remove)
+        return jnp.where(remove, -jnp.inf, scores)
+
+
+class Epsilon(AbstractSupport):
+    """Keep tokens with probability `>= epsilon`, as `transformers.EpsilonLogitsWarper`.
+
+    **Arguments:**
+
+    - `epsilon`: in `(0, 1)`, or one per batch row.
+    - `min_tokens_to_keep`: the most likely tokens always kept.
+    """
+
+    row_fields: ClassVar[tuple[str, ...]] = ("epsilon",)
+    epsilon: Float[Array, "*batch"]
+    min_tokens_to_keep: int = eqx.field(static=True)
+
+    def __init__(self, epsilon: Float[ArrayLike, "*batch"] | float, min_tokens_to_keep: int = 1):
+        _check_min_tokens(min_tokens_to_keep)
+        self.epsilon = _param(epsilon, "epsilon", None, 0, 1, low_open=True, high_open=True)
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def check(self):
+        eps = _check_range(self.epsilon, "epsilon", 0, 1, low_open=True, high_open=True)
+        return eqx.tree_at(lambda s: s.epsilon, self, eps)
+
+    def cutoff(self, scores):
+        return self.epsilon.astype(scores.dtype)
+
+    def filter(self, scores):
+        probs = _softmax(scores)
+        remove = probs < self.cutoff(scores)
+        k = min(self.min_tokens_to_keep, scores.shape[-1])
+        remove &= scores < _kth_largest(scores, k)
+        return jnp.where(remove, -jnp.inf, scores)
+
+
+class Eta(Epsilon):
+    """Entropy-dependent cutoff `η = min(ε, √ε e^{-H(p)})`, as
+    `transformers.EtaLogitsWarper`.
+
+    **Arguments:** as `Epsilon`.
+    """
+
+    def cutoff(self, scores):
+        eps = self.epsilon.astype(scores.dtype)
+        log_p = jax.nn.log_softmax(scores)
+        alive = scores > -jnp.inf
+        entropy = -jnp.sum(jnp.where(alive, log_p * jnp.exp(log_p), 0))
+        return jnp.minimum(eps, jnp.sqrt(eps) * jnp.exp(-entropy))
+
+
+class Mask(AbstractSupport):
+    """An explicit face: keep the tokens where `mask` is `True`.
+
+    **Arguments:**
+
+    - `mask`: boolean array of shape `(*batch, vocab)` or `(vocab,)`; no row may be all
+        `False`.
+    """
+
+    mask: Bool[Array, "*batch vocab"]
+
+    def __init__(self, mask: Bool[ArrayLike, "*batch vocab"]):
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_ or mask.ndim == 0:
+            raise ValueError(
+                "`Mask` takes a boolean array of shape (*batch, vocab); received dtype "
+                f"{mask.dtype} and shape {mask.shape}."
+            )
+        self.mask = mask
+
+    def check(self):
+        mask = error_if_rows(
+            self.mask,
+            ~jnp.any(self.mask, axis=-1),
+            "`Mask` is all False at batch index {index}: no token is left.",
+        )
+        return eqx.tree_at(lambda s: s.mask, self, mask)
+
+    @property
+    def batch_shape(self):
+        return self.mask.shape[:-1]
+
+    def broadcast_batch(self, batch_shape):
+        return eqx.tree_at(
+            lambda s: s.mask,
+            self,
+            jnp.broadcast_to(self.mask, batch_shape + self.mask.shape[-1:]),
+        )
+
+    def filter(self, scores):
+        if self.mask.shape[-1] != scores.shape[-1]:
+            raise ValueError(
+                f"`Mask` has {self.mask.shape[-1]} tokens but the logits have "
+                f"{scores.shape[-1]}."
+            )
+        return jnp.where(self.mask, scores, -jnp.inf)
+
+
+def as_supports(support) -> tuple[AbstractSupport, ...]:
+    """`None`, one support, or a sequence of them, as a tuple applied in order."""
+    if support is None:
+        return ()
+    if isinstance(support, AbstractSupport):
+        return (support,)
+    if isinstance(support, Sequence) and all(
+        isinstance(s, AbstractSupport) for s in support
+    ):
+        return tuple(support)
+    raise TypeError(
+        "`support` must be a replicax support (TopK, TopP, MinP, Typical, Epsilon, Eta, "
+        f"Mask, Full) or a list of them; received {type(support).__name__}."
+    )
+
+
+def face_of_row(
+    scores: Float[Array, " vocab"],
+    temperature: Float[Array, ""],
+    supports: tuple[AbstractSupport, ...],
+    temperature_first: bool,
+) -> Bool[Array, " vocab"]:
+    """The face one context's supports leave, from its logits (`-inf` = masked).
+
+    With `temperature_first` (the default, as transformers' generation does) the supports
+    see `logits / T`; otherwise the raw logits. The face is a discrete choice: no gradient
+    flows through it (the flow on the face is differentiable in the logits).
+    """
+    x = jax.lax.stop_gradient(scores)
+    if temperature_first:
+        x = x / jax.lax.stop_gradient(temperature).astype(x.dtype)
+    for support in supports:
+        x = support.filter(x)
+    return x > -jnp.inf
