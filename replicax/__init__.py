@@ -49,6 +49,10 @@ from ._support import (
     Typical as Typical,
 )
 from ._solve import solve as solve
+from ._switched import (
+    solve_switched as solve_switched,
+    SwitchedTrajectory as SwitchedTrajectory,
+)
 
 
 try:
