@@ -172,7 +172,9 @@ class TopP(AbstractSupport):
         vocab = scores.shape[-1]
         order = jnp.argsort(scores, stable=True)
         cumulative = jnp.cumsum(_softmax(scores[order]))
-        remove = cumulative <= 1 - self.top_p.astype(scores.dtype)
+        # transformers forms `1 - top_p` at the parameter's precision (a Python float)
+        # and compares in the scores' dtype: round the difference, not `top_p`.
+        remove = cumulative <= (1 - self.top_p).astype(scores.dtype)
         remove &= jnp.arange(vocab) < vocab - self.min_tokens_to_keep
         remove = jnp.zeros(vocab, bool).at[order].set(remove)
         return jnp.where(remove, -jnp.inf, scores)

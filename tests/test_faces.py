@@ -7,11 +7,11 @@ facts about the reference are handled explicitly rather than by loosening tolera
 - `torch.sort` (used by `TopPLogitsWarper` and `TypicalLogitsWarper`) is not stable and
   `torch.topk` (used by `MinPLogitsWarper` for `min_tokens_to_keep`) does not pick the
   lowest index among ties. When a run of tied logits straddles the top-p boundary,
-  transformers keeps an arbitrary (but deterministic) subset of the tied tokens; replicax
-  breaks ties by index (a stable sort). So replicax is compared with the warpers run with
-  a stable `torch.sort` / `torch.topk` on every row, and with the stock warpers on every
-  row up to a permutation of tied tokens (identical face on every row without a split
-  tie run).
+  transformers keeps an arbitrary (but deterministic) subset of the tied tokens;
+  replicax breaks ties by index (a stable sort). So replicax is compared with the
+  warpers run with a stable `torch.sort` / `torch.topk` on every row, and with the stock
+  warpers on every row up to a permutation of tied tokens (the same face on every row
+  without a split run of ties).
 - torch's float32 CPU softmax over 50,257 tokens is itself off by up to ~2e-6 from the
   exact softmax of the same float32 scores (its float32 normaliser), so the softmax of
   the warped float32 scores is taken in float64. The face (which tokens survive) is what
@@ -19,6 +19,7 @@ facts about the reference are handled explicitly rather than by loosening tolera
 """
 
 import contextlib
+import functools
 import itertools
 import re
 from dataclasses import dataclass
@@ -29,10 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import replicax as rx
 import scipy.special
 import torch
-from replicax import _solve
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
@@ -44,8 +43,10 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from .helpers import FLOWS, random_logits, random_simplex
+import replicax as rx
+from replicax import _solve
 
+from .helpers import FLOWS
 
 RUNTIME_ERRORS = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)
 TOL32 = 1e-6  # max abs error of probabilities, float32
@@ -56,7 +57,7 @@ LARGE_V = 50_257
 METHODS = ("exact", "ode")
 
 
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Test data and the transformers reference
 
 
@@ -226,11 +227,13 @@ def _reference(grid: Grid, family: Family, m: int, *, temperature_first=True, st
     """transformers' warped float32 scores for every row of the grid, one call per
     (temperature, parameters) group."""
     out = np.empty_like(grid.logits)
-    groups = sorted(set(zip(grid.temperature.tolist(), grid.params)))
+    groups = sorted(set(zip(grid.temperature.tolist(), grid.params, strict=True)))
     for T, p in groups:
         rows = [
             i
-            for i, (Ti, pi) in enumerate(zip(grid.temperature.tolist(), grid.params))
+            for i, (Ti, pi) in enumerate(
+                zip(grid.temperature.tolist(), grid.params, strict=True)
+            )
             if Ti == T and pi == p
         ]
         temperature = TemperatureLogitsWarper(float(T))
@@ -242,16 +245,23 @@ def _reference(grid: Grid, family: Family, m: int, *, temperature_first=True, st
     return out
 
 
-def _assert_matches_transformers(log_p, grid: Grid, family: Family, m: int, **kw):
-    """replicax's `log_p` (rows, V) against the warpers. Returns the rows on which stock
-    transformers keeps a different subset of a run of tied logits."""
+def _references(grid: Grid, family: Family, m: int, *, temperature_first=True):
+    """(stock, stable) transformers scores for the grid (`stable`: ties by index)."""
+    kw = dict(temperature_first=temperature_first)
+    stock = _reference(grid, family, m, stable=False, **kw)
+    stable = _reference(grid, family, m, stable=True, **kw) if family.sorts else stock
+    return stock, stable
+
+
+def _assert_matches_transformers(log_p, grid: Grid, references):
+    """replicax's `log_p` (rows, V) against the warpers' scores. Returns the rows on
+    which stock transformers keeps a different subset of a run of tied logits."""
+    stock, stable = references
     log_p = np.asarray(log_p)
     assert log_p.shape == grid.logits.shape
     assert not np.any(np.isnan(log_p))
     face = log_p > -np.inf
     p = np.exp(log_p.astype(np.float64))
-    stock = _reference(grid, family, m, stable=False, **kw)
-    stable = _reference(grid, family, m, stable=True, **kw) if family.sorts else stock
 
     # 1. Transformers with ties broken by index: the same face on every row, and the
     #    same distribution to 1e-6.
@@ -270,128 +280,202 @@ def _assert_matches_transformers(log_p, grid: Grid, family: Family, m: int, **kw
         kept_hf = np.sort(grid.logits[i][stock_face[i]])
         np.testing.assert_array_equal(kept_rx, kept_hf)
         differ = face[i] != stock_face[i]
-        # Every token that one keeps and the other drops ties with one the other keeps.
-        assert np.all(np.isin(grid.logits[i][differ], kept_rx))
+        # The tokens that one keeps and the other drops are one run of tied logits.
+        assert np.unique(grid.logits[i][differ]).size == 1
         np.testing.assert_allclose(
             np.sort(p[i]), np.sort(_softmax64(stock[i])), rtol=0, atol=TOL32
         )
     return split
 
 
-def _flows(grid: Grid):
-    logits = jnp.asarray(grid.logits)
-    temperature = jnp.asarray(grid.temperature)
-    return rx.EntropicReplicator(logits, temperature), rx.Replicator(logits, temperature)
+def _check_all(outputs: dict, grids: dict, references: dict):
+    """`outputs[key]` against `references[grids_key]`, naming the output that fails."""
+    for key, log_p in outputs.items():
+        grid_key = key.split(":")[0]
+        assert log_p.dtype == jnp.float32, key
+        try:
+            _assert_matches_transformers(log_p, grids[grid_key], references[grid_key])
+        except AssertionError as error:
+            raise AssertionError(f"{key}: {error}") from error
 
 
-# ----------------------------------------------------------------------------------------
+def _args(grid: Grid):
+    """A grid as traced arguments: logits, temperatures, one array per parameter."""
+    return (
+        jnp.asarray(grid.logits),
+        jnp.asarray(grid.temperature),
+        [jnp.asarray(a) for a in _param_arrays(grid)],
+    )
+
+
+# Each distinct support structure and shape costs one XLA compilation (about a second
+# on two CPU cores), so most tests put their replicax calls in one `jax.jit`: the
+# supports are then built from traced parameters, as a user's jitted sampler would.
+
+
+# --------------------------------------------------------------------------------------
 # 1. The (E) equilibrium and (R) at t = 1 on the face = softmax after the warpers
+
+# (E) also by `rx.solve` for a long time, for a subset; (R) also at V = 50,257 for one.
+# (diffrax on faces: `test_restrict_then_flow_equals_flow_then_restrict` and
+# `test_gradients_through_faces`.)
+SOLVE_LONG = ("top_p", "typical", "top_k+top_p")
+REPLICATOR_LARGE = ("top_k+top_p",)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-@pytest.mark.parametrize(
-    "vocab, kinds, seed", [(SMALL_V, SMALL_KINDS, 0), (LARGE_V, LARGE_KINDS, 1)]
-)
-def test_matches_transformers(name, vocab, kinds, seed):
+def test_matches_transformers(name):
     family = FAMILIES[name]
-    grid = _grid(_logit_rows(seed, vocab, kinds), kinds, family.params(vocab))
-    support = family.to_rx(_param_arrays(grid), 1)
-    entropic, replicator = _flows(grid)
-    limit = rx.limit_log_p(entropic, support=support)
-    assert limit.dtype == jnp.float32
-    _assert_matches_transformers(limit, grid, family, 1)
-    at_one = rx.solve(replicator, t1=1.0, support=support).log_p[:, 0]
-    assert at_one.dtype == jnp.float32
-    _assert_matches_transformers(at_one, grid, family, 1)
+    grids = {
+        "small": _grid(
+            _logit_rows(0, SMALL_V, SMALL_KINDS), SMALL_KINDS, family.params(SMALL_V)
+        ),
+        "large": _grid(
+            _logit_rows(1, LARGE_V, LARGE_KINDS), LARGE_KINDS, family.params(LARGE_V)
+        ),
+    }
+
+    @jax.jit
+    def run(small, large):
+        out = {}
+        for key, (logits, T, params) in (("small", small), ("large", large)):
+            support = family.to_rx(params, 1)
+            entropic = rx.EntropicReplicator(logits, T)
+            replicator = rx.Replicator(logits, T)
+            out[f"{key}: (E) limit_log_p"] = rx.limit_log_p(entropic, support=support)
+            if key == "small" or name in REPLICATOR_LARGE:
+                sol = rx.solve(replicator, t1=1.0, support=support)
+                out[f"{key}: (R) solve t1=1"] = sol.log_p[:, 0]
+            if key == "small" and name in SOLVE_LONG:
+                sol = rx.solve(entropic, t1=40.0, support=support)
+                out[f"{key}: (E) solve t1=40"] = sol.log_p[:, 0]
+        return out
+
+    outputs = run(_args(grids["small"]), _args(grids["large"]))
+    references = {key: _references(grid, family, 1) for key, grid in grids.items()}
+    _check_all(outputs, grids, references)
+    if name == "top_p":
+        small = grids["small"]
+        everything = np.array([p == (1.0,) for p in small.params])
+        kept = np.asarray(outputs["small: (E) limit_log_p"]) > -np.inf
+        np.testing.assert_array_equal(
+            kept[everything], np.isfinite(small.logits[everything])
+        )
 
 
 def test_top_p_tie_split_is_index_order():
-    # A run of tied logits straddles the top-p boundary: softmax([0, 0, 0, 0, log 4])
-    # = (1/8, 1/8, 1/8, 1/8, 1/2); top_p = 0.7 needs the top token and two of the four
-    # tied ones. replicax (a stable sort, ascending) drops the lowest indices first, as
-    # transformers does with a stable `torch.sort`; stock transformers keeps whichever
-    # two its unstable sort puts last. Either way the distribution is a permutation of
-    # (1/4, 1/4, 1/2) among the tied tokens.
-    logits = np.array([[0, 0, 0, 0, np.log(4)]], np.float32)
-    face = rx.face(rx.Replicator(jnp.asarray(logits), 1.0), rx.TopP(0.7))
-    np.testing.assert_array_equal(face, [[False, False, True, True, True]])
-    stable = _hf_scores(logits, [TopPLogitsWarper(0.7)], stable=True)
-    np.testing.assert_array_equal(face, stable > -np.inf)
-    stock = _hf_scores(logits, [TopPLogitsWarper(0.7)])
-    assert np.sum(stock > -np.inf) == 3 and stock[0, 4] > -np.inf
-    np.testing.assert_allclose(np.sort(_softmax64(stock)[0])[-3:], [0.25, 0.25, 0.5])
+    # A run of tied logits straddles the top-p boundary: sixteen tokens of probability
+    # 1/32 and one of 1/2. top_p = 0.75 keeps the top token and eight of the tied ones.
+    # replicax sorts stably (ascending), so it drops the lowest indices first, as
+    # transformers does with a stable `torch.sort`. Stock transformers keeps whichever
+    # eight its unstable sort puts last (with torch 2.13 on CPU: tokens 0 and 2-8).
+    # Either way the distribution is the same up to a permutation of the tied tokens.
+    logits = np.array([[0.0] * 16 + [np.log(16)]], np.float32)
+    flow = rx.EntropicReplicator(jnp.asarray(logits), 1.0)
+    log_p = np.asarray(rx.target_log_p(flow, support=rx.TopP(0.75)))
+    np.testing.assert_array_equal(log_p[0] > -np.inf, np.arange(17) >= 8)
+    expected = [1 / 24] * 8 + [2 / 3]
+    np.testing.assert_allclose(np.exp(log_p[0, 8:]), expected, rtol=0, atol=TOL32)
+    stable = _hf_scores(logits, [TopPLogitsWarper(0.75)], stable=True)
+    np.testing.assert_array_equal(log_p > -np.inf, stable > -np.inf)
+    stock = _hf_scores(logits, [TopPLogitsWarper(0.75)])
+    assert np.sum(stock > -np.inf) == 9 and stock[0, 16] > -np.inf
+    np.testing.assert_allclose(np.sort(_softmax64(stock)[0])[-9:], expected, rtol=1e-6)
 
 
-def test_top_p_one():
-    # transformers accepts top_p = 1.0 (its constructor rejects only p < 0 or p > 1) and
-    # then removes the tokens whose ascending cumulative mass is <= 0: only tokens whose
-    # probability is exactly 0 (masked, or underflowed). replicax uses the same rule.
-    logits = _logit_rows(2, SMALL_V, ("plain", "masked"))
+def test_top_p_one_is_accepted_by_transformers():
+    # transformers accepts top_p = 1.0 (its constructor rejects only p < 0 or p > 1; it
+    # even accepts 0) and then removes the tokens whose ascending cumulative mass is
+    # <= 0: only tokens of probability exactly 0 (masked, or underflowed). replicax uses
+    # the same rule (the grid of `test_matches_transformers` has top_p = 1.0, and there
+    # it keeps every finite logit at V = 37) and rejects top_p = 0.
     TopPLogitsWarper(1.0)
+    TopPLogitsWarper(0.0)
     with pytest.raises(ValueError):
         TopPLogitsWarper(1.01)
-    for T in TEMPERATURES:
-        flow = rx.Replicator(jnp.asarray(logits), T)
-        face = rx.face(flow, rx.TopP(1.0))
-        ref = _hf_scores(logits, [TemperatureLogitsWarper(T), TopPLogitsWarper(1.0)])
-        np.testing.assert_array_equal(face, ref > -np.inf)
-        np.testing.assert_array_equal(face, np.isfinite(logits))
+    with pytest.raises(ValueError, match="top_p"):
+        rx.TopP(0.0)
 
 
-@pytest.mark.parametrize("name", ["top_p", "typical", "top_k+top_p"])
-def test_entropic_solve_converges_to_warped_softmax(name):
-    # rx.solve for a long time (closed form) lands on the same point as the limit.
-    family = FAMILIES[name]
-    grid = _grid(_logit_rows(3, SMALL_V, SMALL_KINDS), SMALL_KINDS, family.params(SMALL_V))
-    support = family.to_rx(_param_arrays(grid), 1)
-    entropic, _ = _flows(grid)
-    log_p = rx.solve(entropic, t1=40.0, support=support).log_p[:, 0]
-    _assert_matches_transformers(log_p, grid, family, 1)
+# Strong truncations, so that min_tokens_to_keep = 3 decides the face on many rows.
+STRONG = {
+    "top_k": [(1,), (2,)],
+    "top_p": [(0.1,), (0.5,)],
+    "min_p": [(0.5,), (0.1,)],
+    "typical": [(0.2,), (0.9,)],
+    "epsilon": [(1e-2,), (0.1,)],
+    "eta": [(1e-2,), (0.1,)],
+    "top_k+top_p": [(1, 0.1), (2, 0.5)],
+}
 
 
-def test_entropic_ode_converges_to_warped_softmax():
-    # The same with diffrax (float32, tight tolerances on log p).
-    family = FAMILIES["top_p"]
-    grid = _grid(_logit_rows(4, SMALL_V, SMALL_KINDS), SMALL_KINDS, [(0.5,), (0.9,)])
-    support = family.to_rx(_param_arrays(grid), 1)
-    entropic, _ = _flows(grid)
-    sol = rx.solve(entropic, t1=40.0, support=support, method="ode", rtol=1e-7, atol=1e-7)
-    assert sol.method == "ode"
-    _assert_matches_transformers(sol.log_p[:, 0], grid, family, 1)
+def test_min_tokens_to_keep():
+    logits = _logit_rows(5, SMALL_V, SMALL_KINDS)
+    grids = {
+        name: _grid(logits, SMALL_KINDS, params) for name, params in STRONG.items()
+    }
+
+    @jax.jit
+    def run(args):
+        out = {}
+        for name, (s, T, params) in args.items():
+            support = FAMILIES[name].to_rx(params, 3)
+            out[f"{name}: (E) limit_log_p"] = rx.limit_log_p(
+                rx.EntropicReplicator(s, T), support=support
+            )
+        return out
+
+    outputs = run({name: _args(grid) for name, grid in grids.items()})
+    references = {
+        name: _references(grid, FAMILIES[name], 3) for name, grid in grids.items()
+    }
+    _check_all(outputs, grids, references)
+    for name, grid in grids.items():
+        kept = np.sum(
+            np.asarray(outputs[f"{name}: (E) limit_log_p"]) > -np.inf, axis=-1
+        )
+        finite = np.sum(np.isfinite(grid.logits), axis=-1)
+        assert np.all(kept >= np.minimum(3, finite))
+        # Without min_tokens_to_keep, transformers keeps fewer than 3 on some rows.
+        alone, _ = _references(grid, FAMILIES[name], 1)
+        assert np.any(np.sum(alone > -np.inf, axis=-1) < 3), name
 
 
-@pytest.mark.parametrize("name", ["top_k", "top_p", "min_p", "typical", "epsilon", "eta"])
-def test_min_tokens_to_keep(name):
-    # Strong truncations (top-k 1, top-p 0.1, min-p 0.5, ...) so that min_tokens_to_keep
-    # = 3 decides the face on most rows.
-    family = FAMILIES[name]
-    params = family.params(SMALL_V)[:2]
-    grid = _grid(_logit_rows(5, SMALL_V, SMALL_KINDS), SMALL_KINDS, params)
-    support = family.to_rx(_param_arrays(grid), 3)
-    entropic, _ = _flows(grid)
-    limit = rx.limit_log_p(entropic, support=support)
-    assert np.all(np.sum(np.asarray(limit) > -np.inf, axis=-1) >= 3)
-    _assert_matches_transformers(limit, grid, family, 3)
-
-
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 7. temperature_first=False: supports on the raw logits, then the temperature
 
 
-@pytest.mark.parametrize("name", ["top_p", "min_p", "typical", "eta"])
-def test_temperature_last(name):
-    family = FAMILIES[name]
-    grid = _grid(_logit_rows(6, SMALL_V, SMALL_KINDS), SMALL_KINDS, family.params(SMALL_V))
-    support = family.to_rx(_param_arrays(grid), 1)
-    entropic, _ = _flows(grid)
-    last = rx.limit_log_p(entropic, support=support, temperature_first=False)
-    _assert_matches_transformers(last, grid, family, 1, temperature_first=False)
-    # The order matters (THEORY §3): on these rows some faces differ.
-    first = rx.limit_log_p(entropic, support=support)
-    assert np.any(np.isfinite(first) != np.isfinite(last))
+def test_temperature_last():
+    names = ("top_p", "min_p", "typical", "eta")
+    logits = _logit_rows(6, SMALL_V, SMALL_KINDS)
+    grids = {
+        name: _grid(logits, SMALL_KINDS, FAMILIES[name].params(SMALL_V))
+        for name in names
+    }
+
+    @jax.jit
+    def run(args):
+        out = {}
+        for name, (s, T, params) in args.items():
+            support = FAMILIES[name].to_rx(params, 1)
+            out[f"{name}: (E) limit_log_p, temperature_first=False"] = rx.limit_log_p(
+                rx.EntropicReplicator(s, T), support=support, temperature_first=False
+            )
+        return out
+
+    outputs = run({name: _args(grid) for name, grid in grids.items()})
+    references = {
+        name: _references(grid, FAMILIES[name], 1, temperature_first=False)
+        for name, grid in grids.items()
+    }
+    _check_all(outputs, grids, references)
+    for name, grid in grids.items():
+        # The order matters (THEORY §3): temperature-first faces differ on some rows.
+        first, _ = _references(grid, FAMILIES[name], 1)
+        assert np.any((first > -np.inf) != (references[name][0] > -np.inf)), name
 
 
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 2. Face invariance: restrict-then-flow = flow-then-restrict (float64)
 
 
@@ -402,42 +486,65 @@ def _restrict(log_p, mask):
 
 
 @pytest.mark.parametrize("flow_cls", FLOWS)
-@pytest.mark.parametrize("method", METHODS)
-def test_restrict_then_flow_equals_flow_then_restrict(getkey, flow_cls, method):
-    logits = random_logits(getkey(), (3, 9))
-    mask = jax.random.bernoulli(getkey(), 0.5, (3, 9)).at[:, 0].set(True)
-    y0 = random_simplex(getkey(), (3, 9))
+def test_restrict_then_flow_equals_flow_then_restrict(flow_cls):
+    rng = np.random.default_rng(8)
+    logits = 3 * rng.standard_normal((4, 9))
+    top6 = np.argsort(logits, axis=-1)[:, -6:]
+    mask = rng.random((4, 9)) < 0.5
+    mask[np.arange(4), top6[:, -1]] = True
+    face = np.zeros((4, 9), bool)
+    np.put_along_axis(face, top6, True, axis=-1)
+    face &= mask  # a fixed face: top-6 (temperature-free), then an explicit mask
+    y0 = rng.dirichlet(np.ones(9), 4)
     ts = jnp.array([0.0, 0.3, 1.0, 2.5, 6.0])
-    saveat = rx.SaveAt(ts=ts)
-    kwargs = dict(t1=6.0, saveat=saveat, method=method)
-    if method == "ode":
-        kwargs.update(rtol=1e-13, atol=1e-13, max_steps=100_000)
-    # TopK(4): a fixed face as well (top-k does not depend on the temperature).
-    top4 = rx.face(flow_cls(logits, 0.7), rx.TopK(4))
-    assert np.all(np.sum(top4, axis=-1) == 4)
-    for support, face in ((rx.Mask(mask), mask), (rx.TopK(4), top4)):
-        for start in (dict(), dict(y0=y0)):
-            flow = flow_cls(logits, 0.7)
-            on_face = rx.solve(flow, support=support, **start, **kwargs).log_p
-            full = rx.solve(flow, **start, **kwargs).log_p
-            then_restricted = _restrict(full, face[:, None, :])
-            # Invariance: nothing ever leaves the face, and the start is I-projected.
-            assert jnp.all((on_face > -jnp.inf) == face[:, None, :])
-            np.testing.assert_allclose(
-                jnp.exp(on_face), jnp.exp(then_restricted), rtol=0, atol=TOL64
-            )
-            # The other way to restrict first: -inf logits off the face, start on it.
-            masked = flow_cls(jnp.where(face, logits, -jnp.inf), 0.7)
-            start_on_face = (
-                dict(log_y0=_restrict(jnp.log(y0), face)) if start else dict()
-            )
-            restricted_first = rx.solve(masked, **start_on_face, **kwargs).log_p
-            np.testing.assert_allclose(
-                jnp.exp(on_face), jnp.exp(restricted_first), rtol=0, atol=TOL64
-            )
+
+    @jax.jit
+    def run(logits, mask, y0):
+        flow = flow_cls(logits, 0.7)
+        support = [rx.TopK(6), rx.Mask(mask)]
+        kw = dict(t1=6.0, saveat=rx.SaveAt(ts=ts))
+        ode = dict(rtol=1e-13, atol=1e-13, max_steps=20_000)
+        kept = rx.face(flow, support)
+        # Restricting first the other way: -inf logits off the face, start I-projected.
+        masked = flow_cls(jnp.where(kept, logits, -jnp.inf), 0.7)
+        log_y0 = _restrict(jnp.log(y0), kept)
+        return kept, {
+            "uniform": (
+                rx.solve(flow, support=support, **kw).log_p,
+                rx.solve(flow, **kw).log_p,
+                rx.solve(masked, **kw).log_p,
+            ),
+            "y0": (
+                rx.solve(flow, support=support, y0=y0, **kw).log_p,
+                rx.solve(flow, y0=y0, **kw).log_p,
+                rx.solve(masked, log_y0=log_y0, **kw).log_p,
+            ),
+            # The invariance is a property of the vector field: diffrax on the face
+            # against the closed form on the full simplex, then restricted.
+            "y0, ode on the face": (
+                rx.solve(flow, support=support, y0=y0, method="ode", **ode, **kw).log_p,
+                rx.solve(flow, y0=y0, **kw).log_p,
+                rx.solve(masked, log_y0=log_y0, **kw).log_p,
+            ),
+        }
+
+    kept, out = run(jnp.asarray(logits), jnp.asarray(mask), jnp.asarray(y0))
+    np.testing.assert_array_equal(kept, face)
+    for on_face, full, restricted_first in out.values():
+        # Invariance: nothing ever leaves the face (the start is I-projected onto it).
+        np.testing.assert_array_equal(
+            on_face > -jnp.inf, np.broadcast_to(face[:, None], on_face.shape)
+        )
+        then_restricted = _restrict(full, face[:, None, :])
+        np.testing.assert_allclose(
+            jnp.exp(on_face), jnp.exp(then_restricted), rtol=0, atol=TOL64
+        )
+        np.testing.assert_allclose(
+            jnp.exp(on_face), jnp.exp(restricted_first), rtol=0, atol=TOL64
+        )
 
 
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 3. Bad input
 
 
@@ -474,18 +581,26 @@ def test_bad_mask():
     with pytest.raises(ValueError, match=r"`Mask` must have shape \(\*batch, 5\)"):
         rx.solve(flow, t1=1.0, support=rx.Mask(jnp.ones(6, bool)))
     empty = jnp.ones((2, 5), bool).at[1].set(False)
-    with pytest.raises(RUNTIME_ERRORS, match=r"`Mask` is all False at batch index \(1,\)"):
+    with pytest.raises(
+        RUNTIME_ERRORS, match=r"`Mask` is all False at batch index \(1,\)"
+    ):
         rx.solve(flow, t1=1.0, support=rx.Mask(empty))
     run = jax.jit(lambda m: rx.solve(flow, t1=1.0, support=rx.Mask(m)).log_p)
-    with pytest.raises(RUNTIME_ERRORS, match=r"`Mask` is all False at batch index \(1,\)"):
+    with pytest.raises(
+        RUNTIME_ERRORS, match=r"`Mask` is all False at batch index \(1,\)"
+    ):
         jax.block_until_ready(run(empty))
     # A mask that only keeps masked (-inf) tokens leaves nothing either.
     masked = logits.at[:, :2].set(-jnp.inf)
     only_masked = jnp.zeros((2, 5), bool).at[:, :2].set(True)
     with pytest.raises(RUNTIME_ERRORS, match="`support` leaves no token"):
-        rx.solve(rx.Replicator(masked, 1.0), t1=1.0, support=rx.Mask(only_masked))
+        jax.block_until_ready(_run_masked(masked, only_masked))
     with pytest.raises(TypeError, match="support"):
         rx.solve(flow, t1=1.0, support="top_k")
+
+
+def _run_masked(logits, mask):
+    return rx.solve(rx.Replicator(logits, 1.0), t1=1.0, support=rx.Mask(mask)).log_p
 
 
 @pytest.mark.parametrize(
@@ -493,15 +608,17 @@ def test_bad_mask():
     [
         (rx.TopK, jnp.array([3, 0, 2], jnp.int32), r"`top_k` must be >= 1.*\(1,\)"),
         (rx.TopP, jnp.array([0.5, 0.9, 1.5]), r"`top_p` must be in \(0, 1\].*\(2,\)"),
-        (rx.TopP, jnp.array([0.0, 0.9, 0.5]), r"`top_p` must be in \(0, 1\].*\(0,\)"),
         (rx.MinP, jnp.array([0.1, 0.0, 0.5]), r"`min_p` must be in \(0, 1\].*\(1,\)"),
-        (rx.MinP, jnp.array([0.1, 1.5, 0.5]), r"`min_p` must be in \(0, 1\].*\(1,\)"),
-        (rx.Typical, jnp.array([0.1, 0.5, 1.0]), r"`mass` must be in \(0, 1\)"),
-        (rx.Epsilon, jnp.array([0.0, 0.5, 0.1]), r"`epsilon` must be in \(0, 1\)"),
+        (rx.Typical, jnp.array([0.1, 0.5, 1.0]), r"`mass` must be in \(0, 1\).*\(2,\)"),
+        (
+            rx.Epsilon,
+            jnp.array([0.0, 0.5, 0.1]),
+            r"`epsilon` must be in \(0, 1\).*\(0,\)",
+        ),
     ],
 )
 def test_bad_traced_parameters(make, value, name):
-    logits = random_logits(jax.random.key(0), (3, 6))
+    logits = jnp.asarray(np.random.default_rng(9).standard_normal((3, 6)))
     run = jax.jit(
         lambda v: rx.solve(rx.Replicator(logits, 1.0), t1=1.0, support=make(v)).log_p
     )
@@ -509,154 +626,181 @@ def test_bad_traced_parameters(make, value, name):
         jax.block_until_ready(run(value))
 
 
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 4. Dynamic parameters: per-row values, no recompilation
 
 
 @pytest.mark.parametrize(
-    "make, values",
+    "flow_cls, make, values, new_values",
     [
-        (rx.TopK, np.array([1, 3, 7], np.int32)),
-        (rx.TopP, np.array([0.5, 0.9, 0.99])),
-        (rx.MinP, np.array([0.05, 0.2, 0.6])),
-        (rx.Typical, np.array([0.2, 0.6, 0.95])),
-        (rx.Epsilon, np.array([1e-3, 1e-2, 5e-2])),
-        (rx.Eta, np.array([1e-3, 1e-2, 5e-2])),
+        (
+            rx.EntropicReplicator,
+            lambda p: rx.TopP(p),
+            [np.array([0.5, 0.9, 0.99])],
+            [np.array([0.3, 0.6, 0.95])],
+        ),
+        (
+            rx.Replicator,
+            lambda k, min_p, mass, eps, eta: [
+                rx.TopK(k),
+                rx.MinP(min_p),
+                rx.Typical(mass),
+                rx.Epsilon(eps),
+                rx.Eta(eta),
+            ],
+            [
+                np.array([11, 3, 7], np.int32),
+                np.array([0.05, 0.2, 0.01]),
+                np.array([0.95, 0.6, 0.9]),
+                np.array([1e-3, 1e-2, 5e-2]),
+                np.array([1e-3, 1e-2, 5e-2]),
+            ],
+            [
+                np.array([9, 2, 12], np.int32),
+                np.array([0.3, 0.01, 0.1]),
+                np.array([0.5, 0.99, 0.3]),
+                np.array([3e-2, 1e-4, 1e-2]),
+                np.array([5e-2, 1e-3, 1e-2]),
+            ],
+        ),
     ],
+    ids=["top_p", "top_k+min_p+typical+epsilon+eta"],
 )
-def test_per_row_parameters_equal_row_by_row(getkey, make, values):
-    logits = random_logits(getkey(), (3, 12)).at[0, 4].set(-jnp.inf)
+def test_per_row_parameters_equal_row_by_row_without_recompiling(
+    flow_cls, make, values, new_values
+):
+    logits = 3 * np.random.default_rng(10).standard_normal((3, 12))
+    logits[0, 4] = -np.inf
+    logits = jnp.asarray(logits)
     temperature = jnp.array([0.5, 1.0, 1.7])
-    for flow_cls in FLOWS:
-        flow = flow_cls(logits, temperature)
-        batched = rx.solve(flow, t1=1.3, support=make(values)).log_p
-        for i in range(3):
-            row = rx.solve(
-                flow_cls(logits[i], temperature[i]), t1=1.3, support=make(values[i])
-            ).log_p
-            np.testing.assert_array_equal(batched[i] > -jnp.inf, row > -jnp.inf)
-            np.testing.assert_allclose(jnp.exp(batched[i]), jnp.exp(row), atol=TOL64)
-        assert not np.all(batched[0] > -jnp.inf)  # the faces are not trivial
+    flow = flow_cls(logits, temperature)
+    traces = lambda: eqx.debug.get_num_traces(_solve._solve_rows)  # noqa: E731
+    for i, params in enumerate((values, new_values)):
+        batched = rx.solve(flow, t1=1.3, support=make(*params)).log_p[:, 0]
+        assert not np.all(batched > -jnp.inf)  # the faces are not trivial
+        for row in range(3):
+            one = rx.solve(
+                flow_cls(logits[row], temperature[row]),
+                t1=1.3,
+                support=make(*(p[row] for p in params)),
+            ).log_p[0]
+            if i == 0 and row == 0:
+                before = traces()  # both shapes are compiled by now
+            np.testing.assert_array_equal(batched[row] > -jnp.inf, one > -jnp.inf)
+            np.testing.assert_allclose(jnp.exp(batched[row]), jnp.exp(one), atol=TOL64)
+    # New values of k / p / eps / ... (and of the temperature) reuse the compilation.
+    rx.solve(flow_cls(logits, 1.1 * temperature), t1=2.0, support=make(*new_values))
+    assert traces() == before
 
 
-def test_no_recompile_when_parameter_values_change(getkey):
-    logits = random_logits(getkey(), (2, 10))
-    cases = [
-        [rx.TopK(3), rx.TopK(7)],
-        [rx.TopP(0.5), rx.TopP(0.95)],
-        [rx.MinP(0.1), rx.MinP(0.6)],
-        [rx.Typical(0.3), rx.Typical(0.9)],
-        [rx.Epsilon(1e-3), rx.Epsilon(3e-2)],
-        [rx.Eta(1e-3), rx.Eta(3e-2)],
-        [rx.TopP(jnp.array([0.5, 0.9])), rx.TopP(jnp.array([0.7, 0.2]))],
-        [[rx.TopK(5), rx.TopP(0.9)], [rx.TopK(2), rx.TopP(0.3)]],
-    ]
-    for flow_cls in FLOWS:
-        for first, *others in cases:
-            rx.solve(flow_cls(logits, 0.7), t1=1.0, support=first)
-            before = eqx.debug.get_num_traces(_solve._solve_rows)
-            faces = []
-            for support in others:
-                for T in (0.7, 1.3):
-                    sol = rx.solve(flow_cls(logits, T), t1=1.0, support=support)
-                    faces.append(sol.log_p > -jnp.inf)
-            assert eqx.debug.get_num_traces(_solve._solve_rows) == before
-
-
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 5. Gradients through faces
 
 
-def _face_loss(flow_cls, method, support):
-    def loss(logits, temperature):
+def test_gradients_through_faces():
+    # Row 0: top-1 (one token survives); rows 1, 2: -inf logits and top-p / min-p faces.
+    logits = 3 * np.random.default_rng(11).standard_normal((3, 8))
+    logits[0, 1] = logits[1, :3] = logits[2, 5] = -np.inf
+    logits = jnp.asarray(logits)
+    temperature = jnp.array([0.6, 1.0, 1.4])
+    t1 = 1.5
+    weights = jnp.arange(8, dtype=jnp.float64)
+
+    def loss(flow_cls, method, s, T):
         sol = rx.solve(
-            flow_cls(logits, temperature),
-            t1=1.5,
-            support=support,
+            flow_cls(s, T),
+            t1=t1,
+            support=[rx.TopK(jnp.array([1, 8, 6])), rx.MinP(0.02), rx.TopP(0.95)],
             method=method,
-            saveat=rx.SaveAt(ts=jnp.array([0.5, 1.5])),
             rtol=1e-10,
             atol=1e-10,
         )
-        weights = jnp.broadcast_to(
-            jnp.arange(sol.log_p.shape[-1], dtype=sol.log_p.dtype), sol.log_p.shape
+        log_p = sol.log_p[:, 0]
+        value = jnp.sum(jnp.exp(log_p) * weights[None]) + jnp.sum(rx.entropy(log_p))
+        return value, log_p
+
+    @jax.jit
+    def run(s, T):
+        grads = {}
+        for flow_cls in FLOWS:
+            for method in METHODS:
+                grad = jax.grad(
+                    functools.partial(loss, flow_cls, method),
+                    argnums=(0, 1),
+                    has_aux=True,
+                )
+                grads[f"{flow_cls.__name__} {method}"] = grad(s, T)
+        return grads
+
+    s = np.asarray(logits)
+    T = np.asarray(temperature)
+    for key, ((d_logits, d_temperature), log_p) in run(logits, temperature).items():
+        name, method = key.split()
+        flow_cls = getattr(rx, name)
+        d_logits, d_temperature, log_p = map(
+            np.asarray, (d_logits, d_temperature, log_p)
         )
-        return jnp.sum(jnp.exp(sol.log_p) * weights) + jnp.sum(rx.entropy(sol.log_p))
-
-    return loss
-
-
-@pytest.mark.parametrize("flow_cls", FLOWS)
-@pytest.mark.parametrize("method", METHODS)
-def test_gradients_through_faces(getkey, flow_cls, method):
-    logits = random_logits(getkey(), (3, 8))
-    logits = logits.at[0, 1].set(-jnp.inf).at[1, :3].set(-jnp.inf)
-    logits = logits.at[2, 0].set(-jnp.inf).at[2, 1].set(jnp.max(logits[2]) + 1)
-    temperature = jnp.array([0.6, 1.0, 1.4])
-    supports = [
-        rx.TopK(1),  # one token survives
-        rx.TopK(jnp.array([3, 8, 1], jnp.int32)),
-        rx.TopP(0.7),
-        rx.MinP(0.2),
-        [rx.TopK(5), rx.Eta(0.05)],
-        rx.Mask(jnp.ones((3, 8), bool).at[:, 2:4].set(False)),
-    ]
-    for support in supports:
-        loss = _face_loss(flow_cls, method, support)
-        d_logits, d_temperature = jax.grad(loss, argnums=(0, 1))(logits, temperature)
-        assert jnp.all(jnp.isfinite(d_logits)) and jnp.all(jnp.isfinite(d_temperature))
-        face = rx.face(flow_cls(logits, temperature), support)
-        assert jnp.all(jnp.where(face, True, d_logits == 0))
-        # The face is a discrete choice: the gradient is that of the flow whose logits
-        # are -inf off it.
-        restricted = jnp.where(face, logits, -jnp.inf)
-        loss_off = _face_loss(flow_cls, method, None)
-        ref_logits, ref_temperature = jax.grad(loss_off, argnums=(0, 1))(
-            restricted, temperature
+        assert np.all(np.isfinite(d_logits)) and np.all(np.isfinite(d_temperature))
+        face = log_p > -np.inf
+        assert np.all(np.sum(face, axis=-1) < np.sum(np.isfinite(s), axis=-1))
+        assert np.sum(face[0]) == 1
+        # Closed form (THEORY §5): log p = c s + const on the face, c = t/T for (R) and
+        # (1 - e^{-t})/T for (E); the face is a discrete choice and carries no gradient.
+        p = np.exp(log_p)
+        g = np.where(face, np.asarray(weights) - np.where(face, log_p, 0) - 1, 0)
+        u = p * (g - np.sum(p * g, axis=-1, keepdims=True))
+        c = (t1 if flow_cls is rx.Replicator else -np.expm1(-t1)) / T
+        expected_logits = np.where(face, c[:, None] * u, 0)
+        s_face = np.where(face, s, 0)
+        expected_temperature = -(c / T) * np.sum(u * s_face, axis=-1)
+        tol = 1e-12 if method == "exact" else 1e-7
+        np.testing.assert_allclose(d_logits, expected_logits, rtol=0, atol=tol)
+        np.testing.assert_allclose(
+            d_temperature, expected_temperature, rtol=0, atol=tol
         )
-        np.testing.assert_allclose(d_logits, ref_logits, rtol=1e-8, atol=1e-8)
-        np.testing.assert_allclose(d_temperature, ref_temperature, rtol=1e-8, atol=1e-8)
-    # One surviving token: p = 1 whatever the logits, so no gradient at all.
-    loss = _face_loss(flow_cls, method, rx.TopK(1))
-    d_logits, d_temperature = jax.grad(loss, argnums=(0, 1))(logits, temperature)
-    assert jnp.all(d_logits == 0) and jnp.all(d_temperature == 0)
+        assert np.all(d_logits[~face] == 0)
+        assert np.all(d_logits[0] == 0) and d_temperature[0] == 0  # p = 1: no gradient
 
 
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 6. Face observables
 
 
 def test_discarded_mass_and_projection_cost_known_example():
     # p = (1/2, 1/4, 1/8, 1/16, 1/16); top-p 0.7 keeps {1/2, 1/4}: p(S) = 3/4.
-    p = np.array([0.5, 0.25, 0.125, 0.0625, 0.0625])
-    flow = rx.EntropicReplicator(jnp.log(jnp.asarray(p)), 1.0)
-    face = rx.face(flow, rx.TopP(0.7))
-    np.testing.assert_array_equal(face, [True, True, False, False, False])
-    np.testing.assert_array_equal(face, rx.face(flow, rx.TopK(2)))
-    log_p = rx.target_log_p(flow)
-    np.testing.assert_allclose(rx.discarded_mass(log_p, face), 0.25, rtol=0, atol=TOL64)
-    np.testing.assert_allclose(
-        rx.projection_cost(log_p, face), -np.log(0.75), rtol=0, atol=TOL64
-    )
+    log_p = jnp.log(jnp.array([0.5, 0.25, 0.125, 0.0625, 0.0625]))
+
+    @jax.jit
+    def run(log_p):
+        flow = rx.EntropicReplicator(log_p, 1.0)
+        face = rx.face(flow, rx.TopP(0.7))
+        on_face = rx.target_log_p(flow, support=rx.TopP(0.7))
+        # Batched, with the whole simplex as a second face: nothing is discarded.
+        both = jnp.stack([log_p, log_p])
+        faces = jnp.stack([face, jnp.ones(5, bool)])
+        return dict(
+            face=face,
+            discarded=rx.discarded_mass(both, faces),
+            cost=rx.projection_cost(both, faces),
+            on_face=on_face,
+            kl=rx.kl(on_face, log_p),
+        )
+
+    out = run(log_p)
+    np.testing.assert_array_equal(out["face"], [True, True, False, False, False])
+    np.testing.assert_allclose(out["discarded"], [0.25, 0], rtol=0, atol=TOL64)
+    np.testing.assert_allclose(out["cost"], [-np.log(0.75), 0], rtol=0, atol=TOL64)
     # The restriction is the I-projection p|_S / p(S), and it costs KL = -log p(S).
-    on_face = rx.target_log_p(flow, support=rx.TopP(0.7))
     np.testing.assert_allclose(
-        jnp.exp(on_face), [2 / 3, 1 / 3, 0, 0, 0], rtol=0, atol=TOL64
+        jnp.exp(out["on_face"]), [2 / 3, 1 / 3, 0, 0, 0], rtol=0, atol=TOL64
     )
-    np.testing.assert_allclose(
-        rx.kl(on_face, log_p), -np.log(0.75), rtol=0, atol=TOL64
-    )
-    # Batched, with the whole simplex as a face: nothing is discarded.
-    both = jnp.stack([log_p, log_p])
-    faces = jnp.stack([face, jnp.ones(5, bool)])
-    np.testing.assert_allclose(rx.discarded_mass(both, faces), [0.25, 0], atol=TOL64)
-    np.testing.assert_allclose(
-        rx.projection_cost(both, faces), [-np.log(0.75), 0], atol=TOL64
-    )
+    np.testing.assert_allclose(out["kl"], -np.log(0.75), rtol=0, atol=TOL64)
 
 
 def test_nucleus_size_grows_with_temperature_and_counts_transformers_survivors():
-    logits = _logit_rows(7, SMALL_V, ("plain", "plain", "ties", "masked", "ties masked"))
+    logits = _logit_rows(
+        7, SMALL_V, ("plain", "plain", "ties", "masked", "ties masked")
+    )
     temperatures = np.array([0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5, 2.0, 3.0], np.float32)
     for top_p in (0.5, 0.9):
         sizes = np.asarray(rx.nucleus_size(jnp.asarray(logits), temperatures, top_p))
@@ -664,5 +808,9 @@ def test_nucleus_size_grows_with_temperature_and_counts_transformers_survivors()
         assert np.all(np.diff(sizes, axis=-1) >= 0)
         assert np.any(np.diff(sizes, axis=-1) > 0)
         for j, T in enumerate(temperatures.tolist()):
-            warped = _hf_scores(logits, [TemperatureLogitsWarper(T), TopPLogitsWarper(top_p)])
-            np.testing.assert_array_equal(sizes[:, j], np.sum(warped > -np.inf, axis=-1))
+            warped = _hf_scores(
+                logits, [TemperatureLogitsWarper(T), TopPLogitsWarper(top_p)]
+            )
+            np.testing.assert_array_equal(
+                sizes[:, j], np.sum(warped > -np.inf, axis=-1)
+            )
