@@ -155,26 +155,40 @@ class TopP(AbstractSupport):
     - `min_tokens_to_keep`: at least this many tokens survive.
     """
 
-    row_fields: ClassVar[tuple[str, ...]] = ("top_p",)
+    row_fields: ClassVar[tuple[str, ...]] = ("top_p", "tail_mass")
     top_p: Float[Array, "*batch"]
+    # `1 - top_p`, formed in float64 for host values (as transformers forms it from a
+    # Python float) and only then rounded: rounding `top_p` first can move the threshold
+    # by an ulp in float32 and change the face.
+    tail_mass: Float[Array, "*batch"]
     min_tokens_to_keep: int = eqx.field(static=True)
 
     def __init__(self, top_p: Float[ArrayLike, "*batch"] | float, min_tokens_to_keep: int = 1):
         _check_min_tokens(min_tokens_to_keep)
         self.top_p = _param(top_p, "top_p", None, 0, 1, low_open=True, high_open=False)
+        if isinstance(top_p, int | float | np.ndarray | np.number | list | tuple):
+            self.tail_mass = jnp.asarray(1.0 - np.asarray(top_p, np.float64))
+        else:
+            self.tail_mass = 1 - self.top_p
         self.min_tokens_to_keep = min_tokens_to_keep
 
     def check(self):
-        top_p = _check_range(self.top_p, "top_p", 0, 1, low_open=True, high_open=False)
-        return eqx.tree_at(lambda s: s.top_p, self, top_p)
+        # The filter reads `tail_mass`: the check must be attached to it (an `error_if`
+        # on an unused value would be dropped by the compiler).
+        bad = ~(jnp.isfinite(self.top_p) & (self.top_p > 0) & (self.top_p <= 1))
+        tail_mass = error_if_rows(
+            self.tail_mass,
+            bad,
+            "`top_p` must be in (0, 1]; it is not at batch index {index}.",
+        )
+        return eqx.tree_at(lambda s: s.tail_mass, self, tail_mass)
 
     def filter(self, scores):
         vocab = scores.shape[-1]
         order = jnp.argsort(scores, stable=True)
         cumulative = jnp.cumsum(_softmax(scores[order]))
-        # transformers forms `1 - top_p` at the parameter's precision (a Python float)
-        # and compares in the scores' dtype: round the difference, not `top_p`.
-        remove = cumulative <= (1 - self.top_p).astype(scores.dtype)
+        # transformers compares in the scores' dtype with `1 - top_p` formed first.
+        remove = cumulative <= self.tail_mass.astype(scores.dtype)
         remove &= jnp.arange(vocab) < vocab - self.min_tokens_to_keep
         remove = jnp.zeros(vocab, bool).at[order].set(remove)
         return jnp.where(remove, -jnp.inf, scores)

@@ -65,7 +65,7 @@ def _token_margins(rule: AbstractSupport, log_p, scores, alive):
     if isinstance(rule, TopP):
         order = jnp.lexsort((scores, jnp.where(alive, log_p, -jnp.inf)))
         cumulative = jnp.cumsum(p[order])
-        margin_sorted = cumulative - (1 - rule.top_p.astype(p.dtype))
+        margin_sorted = cumulative - rule.tail_mass.astype(p.dtype)
         protected = jnp.arange(vocab) >= vocab - rule.min_tokens_to_keep
         margin_sorted = jnp.where(protected, jnp.inf, margin_sorted)
         return jnp.zeros_like(p).at[order].set(margin_sorted)
