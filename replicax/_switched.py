@@ -21,7 +21,7 @@ from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
 from ._saveat import SaveAt
 from ._solution import RESULTS
-from ._solve import _as_scalar, _check_times, prepare_rows, readout, row_support, saved_times
+from ._solve import _as_scalar, _check_times, prepare_rows, readout, saved_times
 from ._support import AbstractSupport, Epsilon, MinP, TopP
 
 
