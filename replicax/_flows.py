@@ -15,6 +15,7 @@ import abc
 from typing import ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
@@ -140,7 +141,7 @@ class Replicator(AbstractFlow):
     def limit_log_p(self, log_p0, scores, support):
         top = jnp.max(jnp.where(support, scores, -jnp.inf))
         winners = support & (scores == top)
-        return _log_normalise(jnp.where(winners, log_p0, -jnp.inf))
+        return jax.nn.log_softmax(jnp.where(winners, log_p0, -jnp.inf))
 
 
 class EntropicReplicator(AbstractFlow):
@@ -167,11 +168,4 @@ class EntropicReplicator(AbstractFlow):
     def limit_log_p(self, log_p0, scores, support):
         temperature = self.temperature.astype(scores.dtype)
         alive = support & (log_p0 > -jnp.inf)
-        return _log_normalise(jnp.where(alive, scores / temperature, -jnp.inf))
-
-
-def _log_normalise(x: Float[Array, " vocab"]) -> Float[Array, " vocab"]:
-    m = jnp.max(x)
-    m = jnp.where(jnp.isfinite(m), m, 0)
-    shifted = x - m
-    return shifted - jnp.log(jnp.sum(jnp.exp(shifted)))
+        return jax.nn.log_softmax(jnp.where(alive, scores / temperature, -jnp.inf))

@@ -143,11 +143,7 @@ def solve(
         flow, y0=y0, log_y0=log_y0, support=support, temperature_first=temperature_first
     )
     dtype = rows.dtype
-    t0 = _as_scalar(t0, "t0", dtype)
-    t1 = _as_scalar(t1, "t1", dtype)
-    ts = None if saveat.ts is None else jnp.asarray(saveat.ts, dtype)
-    t0, t1, ts = _check_times(t0, t1, ts)
-    saveat = eqx.tree_at(lambda s: s.ts, saveat, ts, is_leaf=lambda x: x is None)
+    t0, t1, saveat = prepare_times(t0, t1, saveat, dtype)
 
     if exact:
         ode = None
@@ -212,24 +208,14 @@ class Rows(eqx.Module):
         return math.prod(self.batch_shape)
 
     def flat(self) -> tuple[AbstractFlow, Float[Array, "rows vocab"] | None]:
-        batch_shape, n = self.batch_shape, self.num_rows
+        batch_shape = self.batch_shape
         flow = self.flow
         score = flow.score.broadcast_batch(batch_shape)
         temperature = jnp.broadcast_to(flow.temperature, batch_shape)
         flow = eqx.tree_at(lambda f: (f.score, f.temperature), flow, (score, temperature))
-        flow = check_flow_values(flow, batch_shape)
-        flatten = lambda tree: jtu.tree_map(  # noqa: E731
-            lambda x: x.reshape((n,) + x.shape[len(batch_shape) :])
-            if eqx.is_array(x)
-            else x,
-            tree,
-        )
-        flow = flatten(flow)
+        flow = self.flatten(check_flow_values(flow))
         if self.supports:
-            supports = tuple(
-                flatten(s.broadcast_batch(batch_shape).check()) for s in self.supports
-            )
-            flow = _restrict_to_face(flow, supports, self.temperature_first)
+            flow = _restrict_to_face(flow, self.flat_supports(), self.temperature_first)
         if self.start is None:
             return flow, None
         start = self.start.astype(self.dtype)
@@ -238,7 +224,21 @@ class Rows(eqx.Module):
         log_p0 = check_start(
             log_p0, self.start_name, _Y0_TOLERANCE[self.dtype.itemsize], batch_shape
         )
-        return flow, log_p0.reshape(n, self.vocab_size)
+        return flow, log_p0.reshape(self.num_rows, self.vocab_size)
+
+    def flatten(self, tree):
+        """Every array leaf of `tree` (leading shape `batch_shape`) as `(rows, ...)`."""
+        n, k = self.num_rows, len(self.batch_shape)
+        return jtu.tree_map(
+            lambda x: x.reshape((n,) + x.shape[k:]) if eqx.is_array(x) else x, tree
+        )
+
+    def flat_supports(self) -> tuple[AbstractSupport, ...]:
+        """The supports, broadcast to the batch, checked, one parameter set per row."""
+        return tuple(
+            self.flatten(s.broadcast_batch(self.batch_shape).check())
+            for s in self.supports
+        )
 
     def broadcast(self, x: ArrayLike) -> Array:
         """An extra per-row argument (e.g. `eps`) as one value per row."""
@@ -372,12 +372,11 @@ def check_start(log_p0, name, tol, batch_shape):
     return error_if_rows(log_p0, bad_sum, sum_msg)
 
 
-def check_flow_values(flow: AbstractFlow, batch_shape) -> AbstractFlow:
+def check_flow_values(flow: AbstractFlow) -> AbstractFlow:
     """Run-time checks of logits and temperatures (leaves broadcast to `batch_shape`).
 
     These are checks on device (`eqx.error_if`): nothing is copied to the host, and a
     bad row is named by its batch index."""
-    del batch_shape  # the leaves carry it
     temperature = flow.temperature
     temperature = error_if_rows(
         temperature,
@@ -578,6 +577,16 @@ def _as_scalar(x, name: str, dtype) -> Array:
     if is_concrete(x) and not np.isfinite(as_numpy(x)):
         raise ValueError(f"`{name}` must be finite; received {x}.")
     return x.astype(dtype)
+
+
+def prepare_times(t0, t1, saveat: SaveAt, dtype):
+    """`t0`, `t1` and the saved times as arrays of `dtype` (dynamic), checked."""
+    t0 = _as_scalar(t0, "t0", dtype)
+    t1 = _as_scalar(t1, "t1", dtype)
+    ts = None if saveat.ts is None else jnp.asarray(saveat.ts, dtype)
+    t0, t1, ts = _check_times(t0, t1, ts)
+    saveat = eqx.tree_at(lambda s: s.ts, saveat, ts, is_leaf=lambda x: x is None)
+    return t0, t1, saveat
 
 
 def _check_times(t0, t1, ts):

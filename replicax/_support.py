@@ -28,6 +28,9 @@ class AbstractSupport(eqx.Module):
 
     # Names of the fields that hold one value per batch row (or a scalar).
     row_fields: ClassVar[tuple[str, ...]] = ()
+    # The parameter checked by the default `check`, and its interval
+    # (low, high, low_open, high_open).
+    interval: ClassVar[tuple[str, float, float, bool, bool] | None] = None
 
     @abc.abstractmethod
     def filter(self, scores: Float[Array, " vocab"]) -> Float[Array, " vocab"]:
@@ -35,7 +38,19 @@ class AbstractSupport(eqx.Module):
 
     def check(self) -> "AbstractSupport":
         """Run-time checks of traced parameters (leaves already broadcast to the batch)."""
-        return self
+        if self.interval is None:
+            return self
+        name, *bounds = self.interval
+        checked = _check_interval(getattr(self, name), name, *bounds)
+        return eqx.tree_at(lambda s: getattr(s, name), self, checked)
+
+    def _init_param(self, value, min_tokens_to_keep):
+        """Set the interval parameter and `min_tokens_to_keep`, checking host values."""
+        _check_min_tokens(min_tokens_to_keep)
+        name, low, high, low_open, high_open = self.interval
+        param = _param(value, name, low, high, low_open=low_open, high_open=high_open)
+        setattr(self, name, param)
+        self.min_tokens_to_keep = min_tokens_to_keep
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -61,31 +76,41 @@ def _check_min_tokens(min_tokens_to_keep):
         )
 
 
-def _param(value, name: str, dtype, low, high, *, low_open: bool, high_open: bool):
-    """A parameter as an array, checked now when it is a host value."""
+def _in_interval(xp, value, low, high, low_open, high_open):
+    """Elementwise `value ∈ interval` (and finite), with numpy or jnp as `xp`."""
+    ok = xp.isfinite(value)
+    ok &= value > low if low_open else value >= low
+    ok &= value < high if high_open else value <= high
+    return ok
+
+
+def _interval_str(low, high, low_open, high_open):
+    return ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+
+
+def _param(value, name: str, low, high, *, low_open: bool, high_open: bool):
+    """A parameter as an array, checked now when it is a host value (device values are
+    checked by `check`, inside the jitted entry points)."""
     if isinstance(value, int | float | np.ndarray | np.number | list | tuple):
         host = np.asarray(value, np.float64)
-        ok = np.isfinite(host)
-        ok &= host > low if low_open else host >= low
-        ok &= host < high if high_open else host <= high
+        ok = _in_interval(np, host, low, high, low_open, high_open)
         if not np.all(ok):
-            interval = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+            interval = _interval_str(low, high, low_open, high_open)
             raise ValueError(
                 f"`{name}` must be in {interval}; received {host[~ok].reshape(-1)[0]}."
             )
-    value = jnp.asarray(value)
-    if dtype is not None:
-        value = value.astype(dtype)
-    return value
+    return jnp.asarray(value)
 
 
-def _check_range(value, name, low, high, *, low_open, high_open):
-    ok = jnp.isfinite(value)
-    ok &= value > low if low_open else value >= low
-    ok &= value < high if high_open else value <= high
-    interval = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+def _check_interval(value, name, low, high, low_open, high_open, *, attach_to=None):
+    """Run-time error naming the batch row where `value` leaves the interval; the check
+    is attached to `attach_to` (default `value`), the array the filter goes on to read."""
+    ok = _in_interval(jnp, value, low, high, low_open, high_open)
+    interval = _interval_str(low, high, low_open, high_open)
     return error_if_rows(
-        value, ~ok, f"`{name}` must be in {interval}; it is not at batch index {{index}}."
+        value if attach_to is None else attach_to,
+        ~ok,
+        f"`{name}` must be in {interval}; it is not at batch index {{index}}.",
     )
 
 
@@ -128,7 +153,7 @@ class TopK(AbstractSupport):
             and not jnp.issubdtype(jnp.asarray(top_k).dtype, jnp.integer)
         ):
             raise ValueError(f"`top_k` must be an integer; received {top_k!r}.")
-        self.top_k = _param(top_k, "top_k", None, 1, np.inf, low_open=False, high_open=True)
+        self.top_k = _param(top_k, "top_k", 1, np.inf, low_open=False, high_open=True)
         self.min_tokens_to_keep = min_tokens_to_keep
 
     def check(self):
@@ -156,6 +181,7 @@ class TopP(AbstractSupport):
     """
 
     row_fields: ClassVar[tuple[str, ...]] = ("top_p", "tail_mass")
+    interval: ClassVar = ("top_p", 0, 1, True, False)
     top_p: Float[Array, "*batch"]
     # `1 - top_p`, formed in float64 for host values (as transformers forms it from a
     # Python float) and only then rounded: rounding `top_p` first can move the threshold
@@ -164,23 +190,17 @@ class TopP(AbstractSupport):
     min_tokens_to_keep: int = eqx.field(static=True)
 
     def __init__(self, top_p: Float[ArrayLike, "*batch"] | float, min_tokens_to_keep: int = 1):
-        _check_min_tokens(min_tokens_to_keep)
-        self.top_p = _param(top_p, "top_p", None, 0, 1, low_open=True, high_open=False)
+        self._init_param(top_p, min_tokens_to_keep)
         if isinstance(top_p, int | float | np.ndarray | np.number | list | tuple):
             self.tail_mass = jnp.asarray(1.0 - np.asarray(top_p, np.float64))
         else:
             self.tail_mass = 1 - self.top_p
-        self.min_tokens_to_keep = min_tokens_to_keep
 
     def check(self):
         # The filter reads `tail_mass`: the check must be attached to it (an `error_if`
         # on an unused value would be dropped by the compiler).
-        bad = ~(jnp.isfinite(self.top_p) & (self.top_p > 0) & (self.top_p <= 1))
-        tail_mass = error_if_rows(
-            self.tail_mass,
-            bad,
-            "`top_p` must be in (0, 1]; it is not at batch index {index}.",
-        )
+        name, *bounds = self.interval
+        tail_mass = _check_interval(self.top_p, name, *bounds, attach_to=self.tail_mass)
         return eqx.tree_at(lambda s: s.tail_mass, self, tail_mass)
 
     def filter(self, scores):
@@ -205,17 +225,12 @@ class MinP(AbstractSupport):
     """
 
     row_fields: ClassVar[tuple[str, ...]] = ("min_p",)
+    interval: ClassVar = ("min_p", 0, 1, True, False)
     min_p: Float[Array, "*batch"]
     min_tokens_to_keep: int = eqx.field(static=True)
 
     def __init__(self, min_p: Float[ArrayLike, "*batch"] | float, min_tokens_to_keep: int = 1):
-        _check_min_tokens(min_tokens_to_keep)
-        self.min_p = _param(min_p, "min_p", None, 0, 1, low_open=True, high_open=False)
-        self.min_tokens_to_keep = min_tokens_to_keep
-
-    def check(self):
-        min_p = _check_range(self.min_p, "min_p", 0, 1, low_open=True, high_open=False)
-        return eqx.tree_at(lambda s: s.min_p, self, min_p)
+        self._init_param(min_p, min_tokens_to_keep)
 
     def filter(self, scores):
         probs = _softmax(scores)
@@ -237,17 +252,12 @@ class Typical(AbstractSupport):
     """
 
     row_fields: ClassVar[tuple[str, ...]] = ("mass",)
+    interval: ClassVar = ("mass", 0, 1, True, True)
     mass: Float[Array, "*batch"]
     min_tokens_to_keep: int = eqx.field(static=True)
 
     def __init__(self, mass: Float[ArrayLike, "*batch"] | float = 0.9, min_tokens_to_keep: int = 1):
-        _check_min_tokens(min_tokens_to_keep)
-        self.mass = _param(mass, "mass", None, 0, 1, low_open=True, high_open=True)
-        self.min_tokens_to_keep = min_tokens_to_keep
-
-    def check(self):
-        mass = _check_range(self.mass, "mass", 0, 1, low_open=True, high_open=True)
-        return eqx.tree_at(lambda s: s.mass, self, mass)
+        self._init_param(mass, min_tokens_to_keep)
 
     def filter(self, scores):
         vocab = scores.shape[-1]
@@ -276,17 +286,12 @@ class Epsilon(AbstractSupport):
     """
 
     row_fields: ClassVar[tuple[str, ...]] = ("epsilon",)
+    interval: ClassVar = ("epsilon", 0, 1, True, True)
     epsilon: Float[Array, "*batch"]
     min_tokens_to_keep: int = eqx.field(static=True)
 
     def __init__(self, epsilon: Float[ArrayLike, "*batch"] | float, min_tokens_to_keep: int = 1):
-        _check_min_tokens(min_tokens_to_keep)
-        self.epsilon = _param(epsilon, "epsilon", None, 0, 1, low_open=True, high_open=True)
-        self.min_tokens_to_keep = min_tokens_to_keep
-
-    def check(self):
-        eps = _check_range(self.epsilon, "epsilon", 0, 1, low_open=True, high_open=True)
-        return eqx.tree_at(lambda s: s.epsilon, self, eps)
+        self._init_param(epsilon, min_tokens_to_keep)
 
     def cutoff(self, scores):
         return self.epsilon.astype(scores.dtype)

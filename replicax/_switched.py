@@ -21,7 +21,7 @@ from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
 from ._saveat import SaveAt
 from ._solution import RESULTS
-from ._solve import _as_scalar, _check_times, prepare_rows, readout, saved_times
+from ._solve import _as_scalar, prepare_rows, prepare_times, readout, saved_times
 from ._support import AbstractSupport, Epsilon, MinP, TopP
 
 
@@ -150,11 +150,7 @@ def solve_switched(
     )
     dtype = rows.dtype
     tight = 1e-9 if dtype.itemsize == 8 else 1e-6
-    t0 = _as_scalar(t0, "t0", dtype)
-    t1 = _as_scalar(t1, "t1", dtype)
-    ts = None if saveat.ts is None else jnp.asarray(saveat.ts, dtype)
-    t0, t1, ts = _check_times(t0, t1, ts)
-    saveat = eqx.tree_at(lambda s: s.ts, saveat, ts, is_leaf=lambda x: x is None)
+    t0, t1, saveat = prepare_times(t0, t1, saveat, dtype)
     rtol = _as_scalar(tight if rtol is None else rtol, "rtol", dtype)
     atol = _as_scalar(tight if atol is None else atol, "atol", dtype)
     return _switched_rows(rows, t0, t1, saveat, rtol, atol, max_switches, max_steps)
@@ -163,13 +159,7 @@ def solve_switched(
 @eqx.filter_jit
 def _switched_rows(rows, t0, t1, saveat, rtol, atol, max_switches, max_steps):
     flow, log_p0 = rows.flat()
-    rule = rows.supports[0].broadcast_batch(rows.batch_shape)
-    rule = jax.tree_util.tree_map(
-        lambda x: x.reshape((rows.num_rows,) + x.shape[len(rows.batch_shape) :])
-        if eqx.is_array(x)
-        else x,
-        rule,
-    )
+    (rule,) = rows.flat_supports()
     save_ts = saved_times(t0, t1, saveat)
 
     def one(flow_row, log_p0_row, rule_row):
