@@ -4,7 +4,7 @@
    grows with T, so the face the flows run on depends on the temperature.
 2. One context on a top-p face. `rx.solve` evaluates the face once, on the logits; (E)
    converges on it to softmax(s/T) restricted to the face, exactly what transformers
-   samples from after its temperature and top-p warpers. `rx.solve_switched` re-applies
+   samples from after its temperature and top-p warpers. `method=rx.Switched()` re-applies
    top-p along the path to the distribution the flow has reached; the switching times are
    diffrax events. From uniform, (E) never switches, so its guarantees survive; (R) passes
    softmax(s/T) at t = 1 and then loses tokens one by one: past t = 1 the fixed face is
@@ -35,16 +35,21 @@ support = rx.TopP(top_p)
 for flow in (rx.EntropicReplicator(logits, T), rx.Replicator(logits, T)):
     name = type(flow).__name__
     fixed = rx.solve(flow, t1=8.0, support=support, saveat=rx.SaveAt(ts=ts))
-    switched = rx.solve_switched(
-        flow, t1=8.0, support=support, saveat=rx.SaveAt(ts=ts), max_switches=256
+    switched = rx.solve(
+        flow,
+        t1=8.0,
+        support=support,
+        saveat=rx.SaveAt(ts=ts),
+        method=rx.Switched(max_switches=256),
     )
-    n = int(switched.num_switches)
-    print(f"\n{name} at T={T}, TopP({top_p}): face of {int(switched.face_size[0])} tokens;"
+    switches = switched.info
+    n = int(switches.num_switches)
+    print(f"\n{name} at T={T}, TopP({top_p}): face of {int(switches.face_size[0])} tokens;"
           f" {n} switches", end="")
     if n:
-        print(f", from t = {float(switched.switch_ts[0]):.4f} to"
-              f" t = {float(switched.switch_ts[n - 1]):.4f}; final face"
-              f" {int(switched.face_size[n])}", end="")
+        print(f", from t = {float(switches.switch_ts[0]):.4f} to"
+              f" t = {float(switches.switch_ts[n - 1]):.4f}; final face"
+              f" {int(switches.face_size[n])}", end="")
     print()
     print("   t   face(switched)  max|p_switched - p_fixed|")
     for i in range(0, len(ts), 2):

@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from ._discrete import (
+    discrete_map as discrete_map,
     entropic_mirror_map as entropic_mirror_map,
     multiplicative_weights as multiplicative_weights,
 )
@@ -10,6 +11,13 @@ from ._flows import (
     AbstractFlow as AbstractFlow,
     EntropicReplicator as EntropicReplicator,
     Replicator as Replicator,
+)
+from ._methods import (
+    AbstractMethod as AbstractMethod,
+    Exact as Exact,
+    ODE as ODE,
+    Switched as Switched,
+    Switches as Switches,
 )
 from ._observables import (
     arc_length as arc_length,
@@ -39,6 +47,7 @@ from ._scores import (
 from ._solution import RESULTS as RESULTS, Trajectory as Trajectory
 from ._support import (
     AbstractSupport as AbstractSupport,
+    AbstractThresholdSupport as AbstractThresholdSupport,
     Epsilon as Epsilon,
     Eta as Eta,
     Full as Full,
@@ -49,10 +58,6 @@ from ._support import (
     Typical as Typical,
 )
 from ._solve import solve as solve
-from ._switched import (
-    solve_switched as solve_switched,
-    SwitchedTrajectory as SwitchedTrajectory,
-)
 
 
 try:

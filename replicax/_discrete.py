@@ -12,58 +12,65 @@ Both work in log space, so no step ever leaves the simplex (unlike Euler in `p`)
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import RealScalarLike
-from ._flows import AbstractFlow
-from ._misc import as_numpy, is_concrete
-from ._solve import prepare_rows, readout, row_support
+from ._flows import AbstractFlow, mirror_step, multiplicative_step
+from ._rows import as_scalar, check_scalar, prepare_rows, vmap_rows
 
 
-def _iterate(flow, step_size, num_steps, y0, log_y0, decay: bool, name: str):
+def _iterate(flow, step_size, num_steps, y0, log_y0, step, name: str):
     if not isinstance(flow, AbstractFlow):
         raise TypeError(f"`flow` must be a replicax flow; received {type(flow).__name__}.")
-    if not isinstance(num_steps, int) or num_steps < 0:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 0:
         raise ValueError(f"`num_steps` must be an int >= 0; received {num_steps!r}.")
     rows = prepare_rows(flow, y0=y0, log_y0=log_y0)
-    eta = jnp.asarray(step_size, rows.dtype)
-    if eta.ndim != 0:
-        raise ValueError(f"`step_size` must be a scalar; received shape {eta.shape}.")
-    if is_concrete(eta) and not (np.isfinite(as_numpy(eta)) & (as_numpy(eta) > 0)):
-        raise ValueError(f"`step_size` of {name} must be finite and > 0; received {eta}.")
-    return _scan_rows(rows, eta, num_steps, decay)
+    eta = as_scalar(step_size, "step_size", rows.dtype)
+    eta = check_scalar(eta, f"step_size` of `{name}", positive=True)
+    return _scan_rows(rows, eta, num_steps, step)
 
 
 @eqx.filter_jit
-def _scan_rows(rows, eta, num_steps, decay):
-    flow, log_p0 = rows.flat()
-    vocab_size = rows.vocab_size
-
-    def one(f, lp0):
-        support, theta0 = row_support(f, lp0, vocab_size, eta.dtype)
-        log_p = readout(theta0, support)
+def _scan_rows(rows, eta, num_steps, step):
+    def one(row):
+        f, face = row.flow, row.face
+        log_p = row.log_p0()
         aux = f.score.init_aux(log_p)
         temperature = f.temperature.astype(eta.dtype)
+        step_fn = f.discrete_step if step is None else step
 
-        def step(carry, k):
+        def body(carry, k):
             log_p, aux = carry
             t = k * eta
-            z = jnp.where(support, f.score(t, log_p, aux), 0) / temperature
-            theta = jnp.where(support, log_p, 0)
-            theta = (1 - eta) * theta + eta * z if decay else theta + eta * z
-            rate = f.score.aux_rate(t, log_p, aux)
-            aux = jax.tree_util.tree_map(lambda a, r: a + eta * r, aux, rate)
-            new = readout(theta, support)
+            rate = jnp.where(face, f.score(t, log_p, aux), 0) / temperature
+            theta = step_fn(jnp.where(face, log_p, 0), rate, eta)
+            aux_rate = f.score.aux_rate(t, log_p, aux)
+            aux = jax.tree_util.tree_map(lambda a, r: a + eta * r, aux, aux_rate)
+            new = f.readout(theta, face)
             return (new, aux), new
 
         ks = jnp.arange(num_steps, dtype=eta.dtype)
-        _, path = jax.lax.scan(step, (log_p, aux), ks)
+        _, path = jax.lax.scan(body, (log_p, aux), ks)
         return jnp.concatenate([log_p[None], path], axis=0)
 
-    if log_p0 is None:
-        return rows.unflatten(jax.vmap(lambda f: one(f, None))(flow))
-    return rows.unflatten(jax.vmap(one)(flow, log_p0))
+    return vmap_rows(one, rows)
+
+
+def discrete_map(
+    flow: AbstractFlow,
+    step_size: RealScalarLike,
+    num_steps: int,
+    *,
+    y0: Float[ArrayLike, "*batch vocab"] | None = None,
+    log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
+) -> Float[Array, "*out_batch steps vocab"]:
+    """The flow's own discrete-time map (`flow.discrete_step`), iterated: multiplicative
+    weights for `Replicator`, the entropic mirror step for `EntropicReplicator`.
+
+    Arguments and return as `multiplicative_weights`; history terms of the score advance
+    by explicit Euler steps.
+    """
+    return _iterate(flow, step_size, num_steps, y0, log_y0, None, "discrete_map")
 
 
 def multiplicative_weights(
@@ -88,7 +95,9 @@ def multiplicative_weights(
     `log_p` of shape `(*batch, num_steps + 1, vocab)`, the start included. For constant
     scores, entry `k` equals the replicator's `log p(k η)` exactly.
     """
-    return _iterate(flow, step_size, num_steps, y0, log_y0, False, "multiplicative_weights")
+    return _iterate(
+        flow, step_size, num_steps, y0, log_y0, multiplicative_step, "multiplicative_weights"
+    )
 
 
 def entropic_mirror_map(
@@ -104,4 +113,6 @@ def entropic_mirror_map(
     Arguments and return as `multiplicative_weights`. For constant scores and `η < 1`,
     entry `k` equals the entropic replicator's `log p(k h)` with `h = -log(1 - η)`.
     """
-    return _iterate(flow, step_size, num_steps, y0, log_y0, True, "entropic_mirror_map")
+    return _iterate(
+        flow, step_size, num_steps, y0, log_y0, mirror_step, "entropic_mirror_map"
+    )

@@ -9,11 +9,14 @@ Both are written in log space, `θ = log p` up to a constant (THEORY §6.1):
 
 The vector fields returned here are *centred* (`θ̇ - <p, θ̇>`), which changes nothing about
 `p` but keeps `logsumexp θ = 0`, so the integrated state stays equal to `log p`.
+
+A flow owns its geometry: the readout of `log p` from log-weights, the vector field, the
+closed form and limit for constant scores, the time to come within `eps` of the limit, and
+its discrete map. `solve`, the observables and the discrete maps only call these, so a new
+flow is one new class (see `tests/test_new_flow.py`).
 """
 
 import abc
-from typing import ClassVar
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
 from ._misc import compute_dtype
 from ._scores import AbstractScore, Logits
+from ._time_to import entropic_time_to, replicator_time_to
 
 
 class AbstractFlow(eqx.Module):
@@ -37,9 +41,6 @@ class AbstractFlow(eqx.Module):
 
     score: AbstractScore
     temperature: Float[Array, "*temperature_batch"]
-
-    # Decay rate of θ in `θ̇ = z/T - kappa θ`: 0 for (R), 1 for (E).
-    kappa: ClassVar[float]
 
     def __init__(
         self,
@@ -65,55 +66,107 @@ class AbstractFlow(eqx.Module):
             temperature = temperature.astype(compute_dtype(temperature.dtype))
         self.temperature = temperature
 
-    # -- one context ------------------------------------------------------------------
+    # -- the geometry of one context ------------------------------------------------
+    #
+    # Every method below works on one context (a row of length V) and is what the methods
+    # of `solve`, the observables and the discrete maps call: a new flow is one new class.
+    # `face` is the boolean mask of the tokens the row lives on; `log_p` is `-inf` off it.
 
+    def readout(
+        self, theta: Float[Array, " vocab"], face: Bool[Array, " vocab"]
+    ) -> Float[Array, " vocab"]:
+        """`log p` from unnormalised log-weights on a face (`-inf` off it)."""
+        return jax.nn.log_softmax(jnp.where(face, theta, -jnp.inf))
+
+    @abc.abstractmethod
     def log_rate(
         self,
         t: Float[Array, ""],
         log_p: Float[Array, " vocab"],
         aux: PyTree,
-        support: Bool[Array, " vocab"],
+        face: Bool[Array, " vocab"],
     ) -> Float[Array, " vocab"]:
-        """Centred `θ̇` of one context (zero off the support)."""
-        temperature = self.temperature.astype(log_p.dtype)
-        z = self.score(t, log_p, aux)
-        rate = z / temperature
-        if self.kappa != 0:
-            rate = rate - self.kappa * _finite(log_p, support)
-        rate = jnp.where(support, rate, 0)
-        p = jnp.exp(log_p)
-        return jnp.where(support, rate - jnp.sum(p * rate), 0)
+        """`θ̇` of one context, centred (`<p, θ̇> = 0`, which keeps `logsumexp θ = 0`)
+        and zero off the face."""
 
     @abc.abstractmethod
-    def decay(self, dt: Float[Array, ""]) -> Float[Array, ""]:
-        """Weight of `log p₀` in the closed form after time `dt` (constant scores)."""
-
-    @abc.abstractmethod
-    def coefficient(self, dt: Float[Array, ""]) -> Float[Array, ""]:
-        """Weight of the scores in the closed form after time `dt` (constant scores)."""
-
     def closed_form(
         self,
         dt: Float[Array, ""],
-        log_p0: Float[Array, " vocab"],
-        scores: Float[Array, " vocab"],
+        log_p0: Float[Array, " vocab"] | None,
+        centred_scores: Float[Array, " vocab"],
+        face: Bool[Array, " vocab"],
     ) -> Float[Array, " vocab"]:
-        """Unnormalised `θ(t0 + dt) = decay(dt) log p₀ + coefficient(dt) s` on the support
-        (THEORY §1). The coefficient is a scalar computed first: one rounding per token."""
-        return self.decay(dt) * log_p0 + self.coefficient(dt) * scores
+        """`log p(t0 + dt)` for constant scores (THEORY §1).
+
+        `log_p0` is the normalised start (`None`: uniform on the face) and
+        `centred_scores` the scores minus their maximum on the face (`0` off it), computed
+        once for all times: the centring keeps `log p₀` from being rounded away next to
+        large scores, and from uniform the maximum of the log-weights is known (`0`)."""
 
     @abc.abstractmethod
     def limit_log_p(
         self,
         log_p0: Float[Array, " vocab"],
         scores: Float[Array, " vocab"],
-        support: Bool[Array, " vocab"],
+        face: Bool[Array, " vocab"],
     ) -> Float[Array, " vocab"]:
         """`log p(t)` as `t -> ∞` for constant scores."""
 
+    @abc.abstractmethod
+    def time_to(
+        self,
+        log_p0: Float[Array, " vocab"],
+        scores: Float[Array, " vocab"],
+        face: Bool[Array, " vocab"],
+        eps: Float[Array, ""],
+        *,
+        bound: bool = False,
+    ) -> Float[Array, ""]:
+        """Time for constant scores to bring the flow within `eps` of its limit, in the
+        flow's own sense of "within" (or a closed-form upper bound on it)."""
 
-def _finite(log_p, support):
-    return jnp.where(support, log_p, 0)
+    @abc.abstractmethod
+    def discrete_step(
+        self,
+        theta: Float[Array, " vocab"],
+        rate: Float[Array, " vocab"],
+        step_size: Float[Array, ""],
+    ) -> Float[Array, " vocab"]:
+        """The flow's own discrete-time map on log-weights, given `rate = z/T` (THEORY
+        §2): exact for constant scores where the flow has one."""
+
+
+def centred_rate(rate, log_p, face):
+    """`rate - <p, rate>` on the face, `0` off it."""
+    rate = jnp.where(face, rate, 0)
+    return jnp.where(face, rate - jnp.sum(jnp.exp(log_p) * rate), 0)
+
+
+def linear_closed_form(decay, coefficient, log_p0, centred_scores, face):
+    """`log softmax(decay log p₀ + coefficient (s - max s))` on the face: the closed form
+    of every flow whose log-weights obey a linear ODE with constant scores.
+
+    A coefficient that overflows (`t/T` past the float range) multiplies only the tokens
+    below the maximum, which then go to `-inf`: the tokens at the maximum keep exactly
+    `decay log p₀`, which is the limit."""
+    x = jnp.where(centred_scores == 0, 0, coefficient * centred_scores)
+    if log_p0 is None:
+        # The maximum is 0 (a token at the top of the scores): one reduction suffices.
+        x = jnp.where(face, x, -jnp.inf)
+        return x - jnp.log(jnp.sum(jnp.exp(x)))
+    x = x + decay * jnp.where(face, log_p0, 0)
+    return jax.nn.log_softmax(jnp.where(face, x, -jnp.inf))
+
+
+def mirror_step(theta, rate, step_size):
+    """The entropic mirror step `(1 - η) θ + η z/T`."""
+    return (1 - step_size) * theta + step_size * rate
+
+
+def multiplicative_step(theta, rate, step_size):
+    """The multiplicative-weights step `θ + η z/T`."""
+    return theta + step_size * rate
 
 
 class Replicator(AbstractFlow):
@@ -125,23 +178,31 @@ class Replicator(AbstractFlow):
       at `t = 1` and does not stop there;
     - temperature is an exact time rescaling, `p_T(t) = p_1(t/T)`;
     - `t -> ∞`: `p₀` restricted to the argmax set of `s` (on the support of `p₀`),
-      renormalised. It does **not** converge to `softmax(s/T)` (THEORY §1).
+      renormalised. It does **not** converge to `softmax(s/T)` (THEORY §1);
+    - its discrete map is multiplicative weights, exact at every step size.
 
     **Arguments:** as `AbstractFlow`.
     """
 
-    kappa: ClassVar[float] = 0.0
+    def log_rate(self, t, log_p, aux, face):
+        z = self.score(t, log_p, aux)
+        return centred_rate(z / self.temperature.astype(log_p.dtype), log_p, face)
 
-    def decay(self, dt):
-        return jnp.ones_like(dt)
+    def closed_form(self, dt, log_p0, centred_scores, face):
+        coefficient = dt / self.temperature.astype(dt.dtype)
+        return linear_closed_form(1, coefficient, log_p0, centred_scores, face)
 
-    def coefficient(self, dt):
-        return dt / self.temperature.astype(dt.dtype)
-
-    def limit_log_p(self, log_p0, scores, support):
-        top = jnp.max(jnp.where(support, scores, -jnp.inf))
-        winners = support & (scores == top)
+    def limit_log_p(self, log_p0, scores, face):
+        top = jnp.max(jnp.where(face, scores, -jnp.inf))
+        winners = face & (scores == top)
         return jax.nn.log_softmax(jnp.where(winners, log_p0, -jnp.inf))
+
+    def time_to(self, log_p0, scores, face, eps, *, bound=False):
+        temperature = self.temperature.astype(scores.dtype)
+        return replicator_time_to(temperature, log_p0, scores, face, eps, bound=bound)
+
+    def discrete_step(self, theta, rate, step_size):
+        return multiplicative_step(theta, rate, step_size)
 
 
 class EntropicReplicator(AbstractFlow):
@@ -151,21 +212,31 @@ class EntropicReplicator(AbstractFlow):
     `p(t) = softmax(e^{-t} log p₀ + (1 - e^{-t}) s/T)`. It follows the same curve as (R)
     from uniform but stops at `softmax(s/T)`: this is the flow that converges to the
     softmax. Temperature sets the endpoint, not the speed; the free energy
-    `F_T(p) = <p, s> + T H(p)` increases along it (THEORY §1).
+    `F_T(p) = <p, s> + T H(p)` increases along it (THEORY §1). Its discrete map is the
+    entropic mirror step, exact for step sizes `η = 1 - e^{-h} < 1`.
 
     **Arguments:** as `AbstractFlow`.
     """
 
-    kappa: ClassVar[float] = 1.0
+    def log_rate(self, t, log_p, aux, face):
+        z = self.score(t, log_p, aux)
+        rate = z / self.temperature.astype(log_p.dtype) - jnp.where(face, log_p, 0)
+        return centred_rate(rate, log_p, face)
 
-    def decay(self, dt):
-        return jnp.exp(-dt)
-
-    def coefficient(self, dt):
+    def closed_form(self, dt, log_p0, centred_scores, face):
         # -expm1(-dt) = 1 - e^{-dt}, accurate for small dt.
-        return -jnp.expm1(-dt) / self.temperature.astype(dt.dtype)
+        coefficient = -jnp.expm1(-dt) / self.temperature.astype(dt.dtype)
+        return linear_closed_form(jnp.exp(-dt), coefficient, log_p0, centred_scores, face)
 
-    def limit_log_p(self, log_p0, scores, support):
+    def limit_log_p(self, log_p0, scores, face):
         temperature = self.temperature.astype(scores.dtype)
-        alive = support & (log_p0 > -jnp.inf)
-        return jax.nn.log_softmax(jnp.where(alive, scores / temperature, -jnp.inf))
+        alive = face & (log_p0 > -jnp.inf)
+        top = jnp.max(jnp.where(alive, scores, -jnp.inf))
+        return jax.nn.log_softmax(jnp.where(alive, (scores - top) / temperature, -jnp.inf))
+
+    def time_to(self, log_p0, scores, face, eps, *, bound=False):
+        temperature = self.temperature.astype(scores.dtype)
+        return entropic_time_to(temperature, log_p0, scores, face, eps, bound=bound)
+
+    def discrete_step(self, theta, rate, step_size):
+        return mirror_step(theta, rate, step_size)

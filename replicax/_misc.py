@@ -70,3 +70,97 @@ def format_index(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     if not shape:
         return ()
     return tuple(int(i) for i in np.unravel_index(flat_index, shape))
+
+
+# ----------------------------------------------------------------------------------------
+# Parameters that must lie in an interval (scores and supports share these checks)
+
+
+def in_interval(xp, value, low, high, low_open: bool, high_open: bool):
+    """Elementwise `value ∈ interval` (and not NaN), with numpy or jnp as `xp`.
+
+    An infinite bound admits infinite values only where it is closed (`high=inf` with
+    `high_open=False` accepts `+inf`)."""
+    ok = ~xp.isnan(value)
+    ok &= value > low if low_open else value >= low
+    ok &= value < high if high_open else value <= high
+    return ok
+
+
+def interval_str(low, high, low_open: bool, high_open: bool) -> str:
+    return ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+
+
+def is_host_value(value) -> bool:
+    """Whether `value` lives on the host (Python or numpy), so that checking it costs no
+    device round trip."""
+    return isinstance(value, int | float | np.ndarray | np.number | list | tuple)
+
+
+def check_host_interval(value, name: str, low, high, low_open: bool, high_open: bool):
+    """`ValueError` now if a host value leaves the interval; device values (and tracers)
+    are checked later on device by `check_interval`."""
+    if is_host_value(value):
+        host = np.asarray(value, np.float64)
+        ok = in_interval(np, host, low, high, low_open, high_open)
+        if not np.all(ok):
+            interval = interval_str(low, high, low_open, high_open)
+            raise ValueError(
+                f"`{name}` must be in {interval}; received {host[~ok].reshape(-1)[0]}."
+            )
+
+
+def check_interval(value, name, low, high, low_open, high_open, *, attach_to=None):
+    """Run-time error naming the batch row where `value` leaves the interval. The check
+    is attached to `attach_to` (default `value`): it must be an array the computation
+    goes on to read, or the compiler drops the check."""
+    ok = in_interval(jnp, value, low, high, low_open, high_open)
+    interval = interval_str(low, high, low_open, high_open)
+    return error_if_rows(
+        value if attach_to is None else attach_to,
+        ~ok,
+        f"`{name}` must be in {interval}; it is not at batch index {{index}}.",
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Per-row fields: parameters given as a scalar or one value per batch row
+
+
+def fields_batch_shape(module, row_fields: dict[str, int], what: str) -> tuple[int, ...]:
+    """The batch shape of `module`'s per-row fields: each field `name` with `core` trailing
+    axes (`0` for a scalar per row, `1` for a vector over the vocabulary)."""
+    shapes = []
+    for name, core in row_fields.items():
+        shape = jnp.shape(getattr(module, name))
+        shapes.append(shape[: len(shape) - core])
+    try:
+        return tuple(jnp.broadcast_shapes(*shapes)) if shapes else ()
+    except ValueError:
+        raise ValueError(
+            f"The per-row parameters of `{what}` do not broadcast together: "
+            + ", ".join(f"`{n}` {jnp.shape(getattr(module, n))}" for n in row_fields)
+            + "."
+        ) from None
+
+
+def broadcast_fields(module, row_fields: dict[str, int], batch_shape, what: str):
+    """`module` with every per-row field given the leading shape `batch_shape`."""
+    if not row_fields:
+        return module
+    values = []
+    for name, core in row_fields.items():
+        x = jnp.asarray(getattr(module, name))
+        tail = x.shape[x.ndim - core :] if core else ()
+        try:
+            values.append(jnp.broadcast_to(x, tuple(batch_shape) + tail))
+        except ValueError:
+            raise ValueError(
+                f"`{name}` of `{what}` has shape {x.shape}, which does not broadcast to "
+                f"the batch shape {tuple(batch_shape)}"
+                + (f" (plus {core} trailing axis)" if core else "")
+                + "."
+            ) from None
+    return eqx.tree_at(
+        lambda m: tuple(getattr(m, n) for n in row_fields), module, tuple(values)
+    )

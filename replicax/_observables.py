@@ -14,7 +14,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, Replicator
 from ._misc import as_numpy, is_concrete
-from ._solve import prepare_rows, Rows, row_support
+from ._rows import prepare_rows, vmap_rows
 from ._support import TopP
 
 
@@ -116,19 +116,9 @@ def argmax(log_p: Float[Array, "*batch vocab"]) -> Int[Array, "*batch"]:
     return jnp.argmax(log_p, axis=-1)
 
 
-@eqx.filter_jit
-def _vmap_rows(fn, rows: Rows, *args):
-    """`fn(flow_row, log_p0_row, *arg_rows)` over rows, compiled once per structure; each
-    of `args` is broadcast to one value per row. Returns the batch-shaped output.
-
-    (Un-jitted, a vmapped closed form dispatches many small operations one by one.)"""
-    flow, log_p0 = rows.flat()
-    args = [rows.broadcast(a) for a in args]
-    if log_p0 is None:
-        out = jax.vmap(lambda f, *a: fn(f, None, *a))(flow, *args)
-    else:
-        out = jax.vmap(fn)(flow, log_p0, *args)
-    return rows.unflatten(out)
+# One compile per function and structure: un-jitted, a vmapped closed form dispatches many
+# small operations one by one.
+_map_rows = eqx.filter_jit(vmap_rows)
 
 
 def speed(
@@ -147,17 +137,24 @@ def speed(
     if aux is not None:
         if log_p.ndim != 1:
             raise ValueError("`aux` is only supported for a single context; use jax.vmap.")
-        return _speed_one(flow, log_p, t, aux)
-    return _vmap_rows(_speed_one, prepare_rows(flow, log_y0=log_p), t)
+        face = (log_p > -jnp.inf) & _face_of_score(flow.score, log_p.shape[-1])
+        return _speed_at(flow, jnp.where(face, log_p, -jnp.inf), face, t, aux)
+    return _map_rows(_speed_one, prepare_rows(flow, log_y0=log_p), t)
 
 
-def _speed_one(flow_row, log_p_row, t, aux=None):
-    support, _ = row_support(flow_row, log_p_row, log_p_row.shape[-1], log_p_row.dtype)
-    lp = jnp.where(support, log_p_row, -jnp.inf)
-    if aux is None:
-        aux = flow_row.score.init_aux(lp)
-    rate = flow_row.log_rate(t, lp, aux, support)
-    return jnp.sqrt(jnp.sum(jnp.exp(lp) * rate**2))
+def _face_of_score(score, vocab):
+    face = score.face()
+    return jnp.ones(vocab, bool) if face is None else face
+
+
+def _speed_one(row, t):
+    log_p = row.log_p0()
+    return _speed_at(row.flow, log_p, row.face, t, row.flow.score.init_aux(log_p))
+
+
+def _speed_at(flow, log_p, face, t, aux):
+    rate = flow.log_rate(t, log_p, aux, face)
+    return jnp.sqrt(jnp.sum(jnp.where(face, jnp.exp(log_p) * rate**2, 0)))
 
 
 def target_log_p(
@@ -168,13 +165,12 @@ def target_log_p(
     this is the distribution transformers samples from after its warpers."""
     _need_constant(flow, "target_log_p")
     rows = prepare_rows(flow, support=support, temperature_first=temperature_first)
-    return _vmap_rows(_target_one, rows)
+    return _map_rows(_target_one, rows)
 
 
-def _target_one(flow_row, _):
-    _, scores, support = _constant_row(flow_row, None)
-    s = scores / flow_row.temperature.astype(scores.dtype)
-    return jax.nn.log_softmax(jnp.where(support, s, -jnp.inf))
+def _target_one(row):
+    s = row.centred_scores() / row.flow.temperature.astype(row.dtype)
+    return jax.nn.log_softmax(jnp.where(row.face, s, -jnp.inf))
 
 
 def limit_log_p(
@@ -192,18 +188,11 @@ def limit_log_p(
     rows = prepare_rows(
         flow, y0=y0, log_y0=log_y0, support=support, temperature_first=temperature_first
     )
-    return _vmap_rows(_limit_one, rows)
+    return _map_rows(_limit_one, rows)
 
 
-def _limit_one(flow_row, log_p0_row):
-    return flow_row.limit_log_p(*_constant_row(flow_row, log_p0_row))
-
-
-def _constant_row(flow_row, log_p0_row):
-    scores = flow_row.score.constant_value()
-    support, theta0 = row_support(flow_row, log_p0_row, scores.shape[-1], scores.dtype)
-    log_p0 = jnp.where(support, theta0, -jnp.inf)
-    return log_p0, scores, support
+def _limit_one(row):
+    return row.flow.limit_log_p(row.log_p0(), row.scores(), row.face)
 
 
 def _need_constant(flow, name):
@@ -219,11 +208,11 @@ def face(
     """The face (tokens kept) that `support` leaves for each context of `flow`, as `solve`
     uses it: `True` where transformers' warpers would leave a finite logit."""
     rows = prepare_rows(flow, support=support, temperature_first=temperature_first)
-    return _vmap_rows(_face_one, rows)
+    return _map_rows(_face_one, rows)
 
 
-def _face_one(flow_row, _):
-    return flow_row.score.support()
+def _face_one(row):
+    return row.face
 
 
 def discarded_mass(
@@ -263,9 +252,6 @@ def nucleus_size(
         return jnp.sum(face(flow, top_p_support), axis=-1)
 
     return jnp.stack([count(T) for T in temperatures], axis=-1)
-
-
-_BISECTION_STEPS = 80
 
 
 def time_to(
@@ -319,97 +305,17 @@ def time_to(
         e = as_numpy(eps)
         if not np.all((e > 0) & np.isfinite(e)):
             raise ValueError(f"`eps` must be finite and > 0; received {e}.")
-    one = _time_to_bound_one if bound else _time_to_one
-    return _vmap_rows(one, rows, eps)
+    if not isinstance(bound, bool):
+        raise TypeError(f"`bound` must be a bool; received {bound!r}.")
+    return _map_rows(_time_to_bound_one if bound else _time_to_one, rows, eps)
 
 
-def _time_to_one(flow_row, log_p0_row, eps, bound=False):
-    log_p0, scores, support = _constant_row(flow_row, log_p0_row)
-    if isinstance(flow_row, Replicator):
-        return _time_to_replicator(flow_row, log_p0, scores, support, eps, bound)
-    return _time_to_entropic(flow_row, log_p0, scores, support, eps, bound)
+def _time_to_one(row, eps):
+    return row.flow.time_to(row.log_p0(), row.scores(), row.face, eps, bound=False)
 
 
-def _time_to_bound_one(flow_row, log_p0_row, eps):
-    return _time_to_one(flow_row, log_p0_row, eps, bound=True)
-
-
-def _masked_lse(x, mask):
-    x = jnp.where(mask, x, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(x))
-    m = jnp.where(jnp.isfinite(m), m, 0)
-    return m + jnp.log(jnp.sum(jnp.where(mask, jnp.exp(x - m), 0)))
-
-
-def _time_to_replicator(flow, log_p0, scores, support, eps, bound):
-    temperature = flow.temperature.astype(scores.dtype)
-    top = jnp.max(jnp.where(support, scores, -jnp.inf))
-    winners = support & (scores == top)
-    losers = support & ~winners
-    lp0 = jnp.where(support, log_p0, 0)
-    s = scores / temperature
-
-    def log_gap(t):  # log(1 - p_K(t))
-        theta = lp0 + t * s
-        return _masked_lse(theta, losers) - _masked_lse(theta, support)
-
-    log_loser0 = _masked_lse(lp0, losers)
-    log_winner0 = _masked_lse(lp0, winners)
-    second = jnp.max(jnp.where(losers, scores, -jnp.inf))
-    delta = jnp.where(jnp.any(losers), top - second, 1)
-    t_bound = (temperature / delta) * (log_loser0 - log_winner0 - jnp.log(eps))
-    t_bound = jnp.where(jnp.any(losers), jnp.maximum(t_bound, 0), 0)
-    if bound:
-        return t_bound
-    return _monotone_root(log_gap, jnp.log(eps), t_bound)
-
-
-def _time_to_entropic(flow, log_p0, scores, support, eps, bound):
-    temperature = flow.temperature.astype(scores.dtype)
-    lp0 = jnp.where(support, log_p0, 0)
-    s = jnp.where(support, scores / temperature, 0)
-    log_target = jnp.where(support, s - _masked_lse(s, support), -jnp.inf)
-    diff = jnp.where(support, lp0 - s, 0)
-    r = jnp.max(jnp.where(support, diff, -jnp.inf)) - jnp.min(
-        jnp.where(support, diff, jnp.inf)
-    )
-    r2 = jnp.maximum(r**2, jnp.finfo(scores.dtype).tiny)
-    t_bound = jnp.maximum(0.5 * jnp.log(r2 / (8 * eps)), 0)
-    if bound:
-        return t_bound
-
-    def log_kl(t):
-        theta = jnp.exp(-t) * lp0 + (-jnp.expm1(-t)) * s
-        log_p = jnp.where(support, theta - _masked_lse(theta, support), -jnp.inf)
-        return jnp.log(jnp.maximum(kl(log_p, log_target), jnp.finfo(s.dtype).tiny))
-
-    return _monotone_root(log_kl, jnp.log(eps), t_bound)
-
-
-def _monotone_root(g, level, hi):
-    """Smallest `t` in `[0, hi]` with `g(t) <= level` for a non-increasing `g`, and
-    `g(hi) <= level`. Bisection for the value; one Newton step (with the bracket held
-    constant) gives the implicit-function gradient `-∂g/∂θ / g'(t)`."""
-    hi = jax.lax.stop_gradient(hi)
-    level_c = jax.lax.stop_gradient(level)
-    g_c = lambda t: jax.lax.stop_gradient(g(t))  # noqa: E731
-
-    def body(_, bracket):
-        lo, up = bracket
-        mid = 0.5 * (lo + up)
-        below = g_c(mid) <= level_c
-        return jnp.where(below, lo, mid), jnp.where(below, mid, up)
-
-    zero = jnp.zeros_like(hi)
-    lo, up = jax.lax.fori_loop(0, _BISECTION_STEPS, body, (zero, hi))
-    t_star = jax.lax.stop_gradient(up)
-    already = g_c(zero) <= level_c
-    slope = jax.grad(g)(t_star)
-    safe_slope = jnp.where(slope < 0, slope, -1)
-    newton = t_star - (g(t_star) - level) / safe_slope
-    # Keep the bisection value and take only the gradient of the Newton step.
-    t = t_star + (newton - jax.lax.stop_gradient(newton))
-    return jnp.where(already, zero, t)
+def _time_to_bound_one(row, eps):
+    return row.flow.time_to(row.log_p0(), row.scores(), row.face, eps, bound=True)
 
 
 __all__ = [

@@ -14,7 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
-from ._misc import as_numpy, compute_dtype, is_concrete
+from ._misc import (
+    broadcast_fields,
+    check_host_interval,
+    check_interval,
+    compute_dtype,
+    error_if_rows,
+    fields_batch_shape,
+)
 
 
 class AbstractScore(eqx.Module):
@@ -22,11 +29,17 @@ class AbstractScore(eqx.Module):
 
     Subclasses implement `__call__(t, log_p, aux)` for a single context and, when they
     hold a history, `init_aux` and `aux_rate`. Terms add with `+`.
+
+    Parameters that may differ between contexts are declared in `row_fields` (field name
+    to the number of trailing non-batch axes: `0` for a scalar per row, `1` for a vector
+    over the vocabulary); the batch shape and the broadcasting follow from it. Each term
+    checks its own values in `check`, on device, naming the batch index.
     """
 
     # `True` when the score depends neither on time, nor on the state, nor on a history:
     # then the flows have closed forms and `solve` uses them.
     is_constant: ClassVar[bool] = False
+    row_fields: ClassVar[dict[str, int]] = {}
 
     @abc.abstractmethod
     def __call__(
@@ -34,7 +47,7 @@ class AbstractScore(eqx.Module):
     ) -> Float[Array, " vocab"]:
         """Scores of one context at time `t`, given its log-probabilities and history.
 
-        Must be finite on the support; entries off the support are ignored.
+        Must be finite on the face; entries off the face are ignored.
         """
 
     def init_aux(self, log_p0: Float[Array, " vocab"]) -> PyTree:
@@ -49,6 +62,11 @@ class AbstractScore(eqx.Module):
         del t, log_p, aux
         return None
 
+    def check(self) -> "AbstractScore":
+        """This term with run-time checks of its values attached (leaves already
+        broadcast to the batch shape, so that a bad row is named by its index)."""
+        return self
+
     @property
     def vocab_size(self) -> int | None:
         """The vocabulary size this term fixes, or `None` if it works for any."""
@@ -56,15 +74,14 @@ class AbstractScore(eqx.Module):
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
-        """The leading (batch) shape of this term's parameters."""
-        return ()
+        """The leading (batch) shape of this term's per-row parameters."""
+        return fields_batch_shape(self, self.row_fields, type(self).__name__)
 
     def broadcast_batch(self, batch_shape: tuple[int, ...]) -> "AbstractScore":
-        """This term with every array leaf given the leading shape `batch_shape`."""
-        del batch_shape
-        return self
+        """This term with every per-row parameter given the leading shape `batch_shape`."""
+        return broadcast_fields(self, self.row_fields, batch_shape, type(self).__name__)
 
-    def support(self) -> Bool[Array, "*batch vocab"] | None:
+    def face(self) -> Bool[Array, "*batch vocab"] | None:
         """Tokens this term allows (`None`: all of them)."""
         return None
 
@@ -75,12 +92,12 @@ class AbstractScore(eqx.Module):
         )
 
     def constant_logits(self) -> Float[Array, "*batch vocab"] | None:
-        """The time- and state-independent part of the score, `-inf` off its support
+        """The time- and state-independent part of the score, `-inf` off its face
         (what decoding truncations such as top-p are evaluated on); `None` if none."""
         if not self.is_constant:
             return None
         value = self.constant_value()
-        mask = self.support()
+        mask = self.face()
         return value if mask is None else jnp.where(mask, value, -jnp.inf)
 
     def __add__(self, other):
@@ -91,16 +108,6 @@ class AbstractScore(eqx.Module):
 
 def _terms(score: AbstractScore) -> tuple[AbstractScore, ...]:
     return score.terms if isinstance(score, ScoreSum) else (score,)
-
-
-def _broadcast_param(x: Array, batch_shape: tuple[int, ...], name: str) -> Array:
-    try:
-        return jnp.broadcast_to(x, batch_shape)
-    except ValueError:
-        raise ValueError(
-            f"`{name}` has shape {x.shape}, which does not broadcast to the batch "
-            f"shape {batch_shape}."
-        ) from None
 
 
 class Logits(AbstractScore):
@@ -116,6 +123,7 @@ class Logits(AbstractScore):
     """
 
     is_constant: ClassVar[bool] = True
+    row_fields: ClassVar[dict[str, int]] = {"logits": 1}
     logits: Float[Array, "*batch vocab"]
 
     def __init__(self, logits: Float[ArrayLike, "*batch vocab"]):
@@ -137,23 +145,27 @@ class Logits(AbstractScore):
     def constant_value(self):
         s = self.logits.astype(compute_dtype(self.logits.dtype))
         # Masked tokens are zeroed (not -inf) so that arithmetic and gradients stay
-        # finite; the face itself is carried by `support()`.
+        # finite; the face itself is carried by `face()`.
         return jnp.where(s == -jnp.inf, jnp.zeros((), s.dtype), s)
 
-    def support(self):
+    def face(self):
         return self.logits != -jnp.inf
 
     @property
     def vocab_size(self):
         return self.logits.shape[-1]
 
-    @property
-    def batch_shape(self):
-        return self.logits.shape[:-1]
-
-    def broadcast_batch(self, batch_shape):
-        logits = _broadcast_param(
-            self.logits, batch_shape + self.logits.shape[-1:], "logits"
+    def check(self):
+        logits = error_if_rows(
+            self.logits,
+            jnp.any(jnp.isnan(self.logits) | (self.logits == jnp.inf), axis=-1),
+            "`logits` contains NaN or +inf at batch index {index}. Use -inf to mask "
+            "a token.",
+        )
+        logits = error_if_rows(
+            logits,
+            jnp.all(logits == -jnp.inf, axis=-1),
+            "`logits` is all -inf at batch index {index}: no token is left.",
         )
         return eqx.tree_at(lambda s: s.logits, self, logits)
 
@@ -169,24 +181,21 @@ class SelfReinforcement(AbstractScore):
     - `beta`: strength, a scalar or one per batch row. Must be finite.
     """
 
+    row_fields: ClassVar[dict[str, int]] = {"beta": 0}
     beta: Float[Array, "*batch"]
 
     def __init__(self, beta: Float[ArrayLike, "*batch"]):
+        check_host_interval(beta, "beta", -np.inf, np.inf, True, True)
         self.beta = jnp.asarray(beta)
-        if is_concrete(self.beta) and not np.all(np.isfinite(as_numpy(self.beta))):
-            raise ValueError(f"`beta` must be finite; received {self.beta}.")
+
+    def check(self):
+        beta = check_interval(self.beta, "beta", -np.inf, np.inf, True, True)
+        return eqx.tree_at(lambda s: s.beta, self, beta)
 
     def __call__(self, t, log_p, aux):
         del t, aux
         return self.beta.astype(log_p.dtype) * jnp.exp(log_p)
 
-    @property
-    def batch_shape(self):
-        return self.beta.shape
-
-    def broadcast_batch(self, batch_shape):
-        beta = _broadcast_param(self.beta, batch_shape, "beta")
-        return eqx.tree_at(lambda s: s.beta, self, beta)
 
 
 class FrequencyPenalty(AbstractScore):
@@ -201,17 +210,16 @@ class FrequencyPenalty(AbstractScore):
     - `alpha`: penalty strength, a scalar or one per batch row; must be >= 0.
     """
 
+    row_fields: ClassVar[dict[str, int]] = {"alpha": 0}
     alpha: Float[Array, "*batch"]
 
     def __init__(self, alpha: Float[ArrayLike, "*batch"]):
+        check_host_interval(alpha, "alpha", 0, np.inf, False, True)
         self.alpha = jnp.asarray(alpha)
-        if is_concrete(self.alpha) and not np.all(
-            np.isfinite(as_numpy(self.alpha)) & (as_numpy(self.alpha) >= 0)
-        ):
-            raise ValueError(
-                f"`alpha` (frequency penalty) must be finite and >= 0; received "
-                f"{self.alpha}."
-            )
+
+    def check(self):
+        alpha = check_interval(self.alpha, "alpha", 0, np.inf, False, True)
+        return eqx.tree_at(lambda s: s.alpha, self, alpha)
 
     def __call__(self, t, log_p, aux):
         del t, log_p
@@ -224,13 +232,6 @@ class FrequencyPenalty(AbstractScore):
         del t, aux
         return jnp.exp(log_p)
 
-    @property
-    def batch_shape(self):
-        return self.alpha.shape
-
-    def broadcast_batch(self, batch_shape):
-        alpha = _broadcast_param(self.alpha, batch_shape, "alpha")
-        return eqx.tree_at(lambda s: s.alpha, self, alpha)
 
 
 class ScoreSum(AbstractScore):
@@ -268,8 +269,11 @@ class ScoreSum(AbstractScore):
     def broadcast_batch(self, batch_shape):
         return ScoreSum(tuple(term.broadcast_batch(batch_shape) for term in self.terms))
 
-    def support(self):
-        masks = [m for m in (term.support() for term in self.terms) if m is not None]
+    def check(self):
+        return ScoreSum(tuple(term.check() for term in self.terms))
+
+    def face(self):
+        masks = [m for m in (term.face() for term in self.terms) if m is not None]
         if not masks:
             return None
         out = masks[0]
@@ -278,45 +282,9 @@ class ScoreSum(AbstractScore):
         return out
 
     def constant_value(self):
-        # A face contributes no score, only its support.
-        terms = [t for t in self.terms if not isinstance(t, FaceMask)]
-        values = [term.constant_value() for term in terms]
+        values = [term.constant_value() for term in self.terms]
         return sum(values[1:], values[0])
 
     def constant_logits(self):
         values = [v for v in (t.constant_logits() for t in self.terms) if v is not None]
         return sum(values[1:], values[0]) if values else None
-
-
-class FaceMask(AbstractScore):
-    """A face as a (zero) score term: the tokens outside `mask` are removed, once.
-
-    `solve` adds one when it is given `support=`; users pass supports, not this."""
-
-    is_constant: ClassVar[bool] = True
-    mask: Bool[Array, "*batch vocab"]
-
-    def __call__(self, t, log_p, aux):
-        del t, aux
-        return jnp.zeros_like(log_p)
-
-    def constant_value(self):
-        return jnp.broadcast_to(jnp.asarray(0.0), self.mask.shape)  # weakly typed
-
-    def constant_logits(self):
-        return None  # the face does not change the logits it was computed from
-
-    def support(self):
-        return self.mask
-
-    @property
-    def vocab_size(self):
-        return self.mask.shape[-1]
-
-    @property
-    def batch_shape(self):
-        return self.mask.shape[:-1]
-
-    def broadcast_batch(self, batch_shape):
-        mask = jnp.broadcast_to(self.mask, batch_shape + self.mask.shape[-1:])
-        return eqx.tree_at(lambda s: s.mask, self, mask)

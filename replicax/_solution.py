@@ -27,8 +27,11 @@ class Trajectory(eqx.Module):
     - `aux`: the auxiliary (history) state at the saved times, leaves of shape
         `(*batch, times, ...)`; `None` when the score has no history or `fn` was used.
     - `stats`: `num_steps`, `num_accepted_steps`, `num_rejected_steps` per row (all zero
-        on the exact path), and `method`: `"exact"` or `"ode"`.
+        on the exact path).
     - `result`: a `RESULTS` per batch row.
+    - `method`: the name of the method that ran (`"exact"`, `"ode"`, `"switched"`).
+    - `info`: what only that method knows, with leaves of shape `(*batch, ...)`: for
+        `Switched`, a `Switches` (the switching times and face sizes); `None` otherwise.
     """
 
     ts: Float[Array, " times"]
@@ -38,6 +41,7 @@ class Trajectory(eqx.Module):
     stats: dict[str, Int[Array, "*batch"]]
     result: RESULTS
     method: str = eqx.field(static=True)
+    info: PyTree | None = None
 
     @property
     def p(self) -> Float[Array, "*batch times vocab"]:

@@ -20,16 +20,26 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._misc import error_if_rows
+from ._misc import (
+    broadcast_fields,
+    check_host_interval,
+    check_interval,
+    error_if_rows,
+    fields_batch_shape,
+    is_host_value,
+)
 
 
 class AbstractSupport(eqx.Module):
-    """Base class of the faces. Subclasses implement `filter` for one context."""
+    """Base class of the supports: rules that choose a face for one context.
 
-    # Names of the fields that hold one value per batch row (or a scalar).
-    row_fields: ClassVar[tuple[str, ...]] = ()
-    # The parameter checked by the default `check`, and its interval
-    # (low, high, low_open, high_open).
+    Subclasses implement `filter` for one context. Parameters that may differ between
+    contexts are declared in `row_fields` (field name to number of trailing non-batch
+    axes), and the one that must lie in an interval in `interval`
+    `(name, low, high, low_open, high_open)`; `check` and the batching follow from them.
+    """
+
+    row_fields: ClassVar[dict[str, int]] = {}
     interval: ClassVar[tuple[str, float, float, bool, bool] | None] = None
 
     @abc.abstractmethod
@@ -41,31 +51,52 @@ class AbstractSupport(eqx.Module):
         if self.interval is None:
             return self
         name, *bounds = self.interval
-        checked = _check_interval(getattr(self, name), name, *bounds)
+        checked = check_interval(getattr(self, name), name, *bounds)
         return eqx.tree_at(lambda s: getattr(s, name), self, checked)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """`ValueError` now if this support cannot apply to `vocab_size` tokens."""
+        del vocab_size
 
     def _init_param(self, value, min_tokens_to_keep):
         """Set the interval parameter and `min_tokens_to_keep`, checking host values."""
         _check_min_tokens(min_tokens_to_keep)
-        name, low, high, low_open, high_open = self.interval
-        param = _param(value, name, low, high, low_open=low_open, high_open=high_open)
-        setattr(self, name, param)
+        name, *bounds = self.interval
+        check_host_interval(value, name, *bounds)
+        setattr(self, name, jnp.asarray(value))
         self.min_tokens_to_keep = min_tokens_to_keep
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
-        shapes = [getattr(self, name).shape for name in self.row_fields]
-        return jnp.broadcast_shapes(*shapes) if shapes else ()
+        return fields_batch_shape(self, self.row_fields, type(self).__name__)
 
     def broadcast_batch(self, batch_shape: tuple[int, ...]) -> "AbstractSupport":
-        if not self.row_fields:
-            return self
-        values = tuple(
-            jnp.broadcast_to(getattr(self, name), batch_shape) for name in self.row_fields
-        )
-        return eqx.tree_at(
-            lambda s: tuple(getattr(s, name) for name in self.row_fields), self, values
-        )
+        return broadcast_fields(self, self.row_fields, batch_shape, type(self).__name__)
+
+
+class AbstractThresholdSupport(AbstractSupport):
+    """A support that keeps a token while a margin computed from the distribution stays
+    positive (`TopP`, `MinP`, `Epsilon`, `Eta`). Re-evaluated along a path, such a rule
+    drops tokens at the times their margins reach zero (`rx.Switched`)."""
+
+    min_tokens_to_keep: eqx.AbstractVar[int]
+
+    @abc.abstractmethod
+    def margins(
+        self,
+        log_p: Float[Array, " vocab"],
+        scores: Float[Array, " vocab"],
+        alive: Bool[Array, " vocab"],
+    ) -> Float[Array, " vocab"]:
+        """Per token: positive while the rule, applied to the distribution `exp(log_p)`
+        on the tokens `alive`, keeps it; the rule drops it once its margin is `<= 0`.
+        `scores` break ties in the order of the tokens. Protected tokens (the
+        `min_tokens_to_keep` most likely) get `+inf`."""
+
+    def _protect_top(self, margin, p):
+        k = min(self.min_tokens_to_keep, p.shape[-1])
+        _, top = jax.lax.top_k(p, k)
+        return margin.at[top].set(jnp.inf)
 
 
 def _check_min_tokens(min_tokens_to_keep):
@@ -74,44 +105,6 @@ def _check_min_tokens(min_tokens_to_keep):
             "`min_tokens_to_keep` must be an int >= 1; received "
             f"{min_tokens_to_keep!r}."
         )
-
-
-def _in_interval(xp, value, low, high, low_open, high_open):
-    """Elementwise `value ∈ interval` (and finite), with numpy or jnp as `xp`."""
-    ok = xp.isfinite(value)
-    ok &= value > low if low_open else value >= low
-    ok &= value < high if high_open else value <= high
-    return ok
-
-
-def _interval_str(low, high, low_open, high_open):
-    return ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
-
-
-def _param(value, name: str, low, high, *, low_open: bool, high_open: bool):
-    """A parameter as an array, checked now when it is a host value (device values are
-    checked by `check`, inside the jitted entry points)."""
-    if isinstance(value, int | float | np.ndarray | np.number | list | tuple):
-        host = np.asarray(value, np.float64)
-        ok = _in_interval(np, host, low, high, low_open, high_open)
-        if not np.all(ok):
-            interval = _interval_str(low, high, low_open, high_open)
-            raise ValueError(
-                f"`{name}` must be in {interval}; received {host[~ok].reshape(-1)[0]}."
-            )
-    return jnp.asarray(value)
-
-
-def _check_interval(value, name, low, high, low_open, high_open, *, attach_to=None):
-    """Run-time error naming the batch row where `value` leaves the interval; the check
-    is attached to `attach_to` (default `value`), the array the filter goes on to read."""
-    ok = _in_interval(jnp, value, low, high, low_open, high_open)
-    interval = _interval_str(low, high, low_open, high_open)
-    return error_if_rows(
-        value if attach_to is None else attach_to,
-        ~ok,
-        f"`{name}` must be in {interval}; it is not at batch index {{index}}.",
-    )
 
 
 def _kth_largest(scores, k):
@@ -142,18 +135,24 @@ class TopK(AbstractSupport):
     - `min_tokens_to_keep`: at least this many tokens survive (`top_k` is raised to it).
     """
 
-    row_fields: ClassVar[tuple[str, ...]] = ("top_k",)
+    row_fields: ClassVar[dict[str, int]] = {"top_k": 0}
     top_k: Int[Array, "*batch"]
     min_tokens_to_keep: int = eqx.field(static=True)
 
     def __init__(self, top_k: Int[ArrayLike, "*batch"] | int, min_tokens_to_keep: int = 1):
         _check_min_tokens(min_tokens_to_keep)
-        if isinstance(top_k, float) or (
-            isinstance(top_k, np.ndarray | jax.Array)
-            and not jnp.issubdtype(jnp.asarray(top_k).dtype, jnp.integer)
-        ):
-            raise ValueError(f"`top_k` must be an integer; received {top_k!r}.")
-        self.top_k = _param(top_k, "top_k", 1, np.inf, low_open=False, high_open=True)
+        dtype = getattr(top_k, "dtype", None)
+        if isinstance(top_k, bool | float) or (
+            dtype is not None and not jnp.issubdtype(dtype, jnp.integer)
+        ) or (isinstance(top_k, list | tuple) and not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in top_k
+        )):
+            raise ValueError(
+                f"`top_k` must be an integer (or integers, one per row); received "
+                f"{top_k!r}."
+            )
+        check_host_interval(top_k, "top_k", 1, np.inf, False, True)
+        self.top_k = jnp.asarray(top_k)
         self.min_tokens_to_keep = min_tokens_to_keep
 
     def check(self):
@@ -169,7 +168,7 @@ class TopK(AbstractSupport):
         return jnp.where(scores < _kth_largest(scores, k), -jnp.inf, scores)
 
 
-class TopP(AbstractSupport):
+class TopP(AbstractThresholdSupport):
     """Nucleus: the smallest set of most likely tokens with mass `>= top_p`, as
     `transformers.TopPLogitsWarper` (tokens sorted by logit, ascending; those whose
     cumulative probability is `<= 1 - top_p` removed). Grows with temperature.
@@ -180,7 +179,7 @@ class TopP(AbstractSupport):
     - `min_tokens_to_keep`: at least this many tokens survive.
     """
 
-    row_fields: ClassVar[tuple[str, ...]] = ("top_p", "tail_mass")
+    row_fields: ClassVar[dict[str, int]] = {"top_p": 0, "tail_mass": 0}
     interval: ClassVar = ("top_p", 0, 1, True, False)
     top_p: Float[Array, "*batch"]
     # `1 - top_p`, formed in float64 for host values (as transformers forms it from a
@@ -191,7 +190,7 @@ class TopP(AbstractSupport):
 
     def __init__(self, top_p: Float[ArrayLike, "*batch"] | float, min_tokens_to_keep: int = 1):
         self._init_param(top_p, min_tokens_to_keep)
-        if isinstance(top_p, int | float | np.ndarray | np.number | list | tuple):
+        if is_host_value(top_p):
             self.tail_mass = jnp.asarray(1.0 - np.asarray(top_p, np.float64))
         else:
             self.tail_mass = 1 - self.top_p
@@ -200,7 +199,7 @@ class TopP(AbstractSupport):
         # The filter reads `tail_mass`: the check must be attached to it (an `error_if`
         # on an unused value would be dropped by the compiler).
         name, *bounds = self.interval
-        tail_mass = _check_interval(self.top_p, name, *bounds, attach_to=self.tail_mass)
+        tail_mass = check_interval(self.top_p, name, *bounds, attach_to=self.tail_mass)
         return eqx.tree_at(lambda s: s.tail_mass, self, tail_mass)
 
     def filter(self, scores):
@@ -213,8 +212,21 @@ class TopP(AbstractSupport):
         remove = jnp.zeros(vocab, bool).at[order].set(remove)
         return jnp.where(remove, -jnp.inf, scores)
 
+    def margins(self, log_p, scores, alive):
+        # transformers' arithmetic: tokens sorted by probability, ascending (ties broken
+        # by the scores, the order at `t0 + 0` from a uniform start); a token goes when
+        # the cumulative mass up to it is `<= 1 - top_p`.
+        vocab = log_p.shape[-1]
+        p = jnp.where(alive, jnp.exp(log_p), 0)
+        order = jnp.lexsort((scores, jnp.where(alive, log_p, -jnp.inf)))
+        cumulative = jnp.cumsum(p[order])
+        margin_sorted = cumulative - self.tail_mass.astype(p.dtype)
+        protected = jnp.arange(vocab) >= vocab - self.min_tokens_to_keep
+        margin_sorted = jnp.where(protected, jnp.inf, margin_sorted)
+        return jnp.zeros_like(p).at[order].set(margin_sorted)
 
-class MinP(AbstractSupport):
+
+class MinP(AbstractThresholdSupport):
     """Keep tokens with probability `>= min_p × (top probability)`, as
     `transformers.MinPLogitsWarper`. In logits: `s_i >= max s + T log min_p`; grows with T.
 
@@ -224,7 +236,7 @@ class MinP(AbstractSupport):
     - `min_tokens_to_keep`: at least this many (most likely) tokens survive.
     """
 
-    row_fields: ClassVar[tuple[str, ...]] = ("min_p",)
+    row_fields: ClassVar[dict[str, int]] = {"min_p": 0}
     interval: ClassVar = ("min_p", 0, 1, True, False)
     min_p: Float[Array, "*batch"]
     min_tokens_to_keep: int = eqx.field(static=True)
@@ -240,6 +252,11 @@ class MinP(AbstractSupport):
         remove = remove.at[top].set(False)
         return jnp.where(remove, -jnp.inf, scores)
 
+    def margins(self, log_p, scores, alive):
+        del scores
+        p = jnp.where(alive, jnp.exp(log_p), 0)
+        return self._protect_top(p - self.min_p.astype(p.dtype) * jnp.max(p), p)
+
 
 class Typical(AbstractSupport):
     """Locally typical sampling, as `transformers.TypicalLogitsWarper`: tokens sorted by
@@ -251,7 +268,7 @@ class Typical(AbstractSupport):
     - `min_tokens_to_keep`: at least this many tokens survive.
     """
 
-    row_fields: ClassVar[tuple[str, ...]] = ("mass",)
+    row_fields: ClassVar[dict[str, int]] = {"mass": 0}
     interval: ClassVar = ("mass", 0, 1, True, True)
     mass: Float[Array, "*batch"]
     min_tokens_to_keep: int = eqx.field(static=True)
@@ -276,7 +293,34 @@ class Typical(AbstractSupport):
         return jnp.where(remove, -jnp.inf, scores)
 
 
-class Epsilon(AbstractSupport):
+class AbstractCutoff(AbstractThresholdSupport):
+    """Keep tokens whose probability is at least a cutoff (`Epsilon`, `Eta`); the most
+    likely `min_tokens_to_keep` tokens always stay."""
+
+    row_fields: ClassVar[dict[str, int]] = {"epsilon": 0}
+    interval: ClassVar = ("epsilon", 0, 1, True, True)
+    epsilon: eqx.AbstractVar[Float[Array, "*batch"]]
+
+    @abc.abstractmethod
+    def cutoff(self, log_p: Float[Array, " vocab"]) -> Float[Array, ""]:
+        """The probability below which a token goes, for the distribution `log_p`."""
+
+    def filter(self, scores):
+        # The probabilities as transformers computes them (a softmax), so that borderline
+        # tokens fall on the same side of the cutoff.
+        remove = _softmax(scores) < self.cutoff(jax.nn.log_softmax(scores))
+        k = min(self.min_tokens_to_keep, scores.shape[-1])
+        remove &= scores < _kth_largest(scores, k)
+        return jnp.where(remove, -jnp.inf, scores)
+
+    def margins(self, log_p, scores, alive):
+        del scores
+        log_p = jnp.where(alive, log_p, -jnp.inf)
+        p = jnp.exp(log_p)
+        return self._protect_top(p - self.cutoff(log_p), p)
+
+
+class Epsilon(AbstractCutoff):
     """Keep tokens with probability `>= epsilon`, as `transformers.EpsilonLogitsWarper`.
 
     **Arguments:**
@@ -285,37 +329,36 @@ class Epsilon(AbstractSupport):
     - `min_tokens_to_keep`: the most likely tokens always kept.
     """
 
-    row_fields: ClassVar[tuple[str, ...]] = ("epsilon",)
-    interval: ClassVar = ("epsilon", 0, 1, True, True)
     epsilon: Float[Array, "*batch"]
     min_tokens_to_keep: int = eqx.field(static=True)
 
     def __init__(self, epsilon: Float[ArrayLike, "*batch"] | float, min_tokens_to_keep: int = 1):
         self._init_param(epsilon, min_tokens_to_keep)
 
-    def cutoff(self, scores):
-        return self.epsilon.astype(scores.dtype)
-
-    def filter(self, scores):
-        probs = _softmax(scores)
-        remove = probs < self.cutoff(scores)
-        k = min(self.min_tokens_to_keep, scores.shape[-1])
-        remove &= scores < _kth_largest(scores, k)
-        return jnp.where(remove, -jnp.inf, scores)
+    def cutoff(self, log_p):
+        return self.epsilon.astype(log_p.dtype)
 
 
-class Eta(Epsilon):
+class Eta(AbstractCutoff):
     """Entropy-dependent cutoff `η = min(ε, √ε e^{-H(p)})`, as
     `transformers.EtaLogitsWarper`.
 
     **Arguments:** as `Epsilon`.
     """
 
-    def cutoff(self, scores):
-        eps = self.epsilon.astype(scores.dtype)
-        log_p = jax.nn.log_softmax(scores)
-        alive = scores > -jnp.inf
-        entropy = -jnp.sum(jnp.where(alive, log_p * jnp.exp(log_p), 0))
+    epsilon: Float[Array, "*batch"]
+    min_tokens_to_keep: int = eqx.field(static=True)
+
+    def __init__(self, epsilon: Float[ArrayLike, "*batch"] | float, min_tokens_to_keep: int = 1):
+        self._init_param(epsilon, min_tokens_to_keep)
+
+    def cutoff(self, log_p):
+        eps = self.epsilon.astype(log_p.dtype)
+        # The entropy as torch's `Categorical(logits=...).entropy()` forms it (log-
+        # probabilities clamped to the most negative float, times their softmax), so that
+        # a token near the cutoff falls on the same side as in transformers.
+        clamped = jnp.maximum(log_p, jnp.finfo(log_p.dtype).min)
+        entropy = -jnp.sum(clamped * jax.nn.softmax(clamped))
         return jnp.minimum(eps, jnp.sqrt(eps) * jnp.exp(-entropy))
 
 
@@ -328,6 +371,7 @@ class Mask(AbstractSupport):
         `False`.
     """
 
+    row_fields: ClassVar[dict[str, int]] = {"mask": 1}
     mask: Bool[Array, "*batch vocab"]
 
     def __init__(self, mask: Bool[ArrayLike, "*batch vocab"]):
@@ -347,23 +391,15 @@ class Mask(AbstractSupport):
         )
         return eqx.tree_at(lambda s: s.mask, self, mask)
 
-    @property
-    def batch_shape(self):
-        return self.mask.shape[:-1]
-
-    def broadcast_batch(self, batch_shape):
-        return eqx.tree_at(
-            lambda s: s.mask,
-            self,
-            jnp.broadcast_to(self.mask, batch_shape + self.mask.shape[-1:]),
-        )
+    def check_vocab(self, vocab_size):
+        if self.mask.shape[-1] != vocab_size:
+            raise ValueError(
+                f"`Mask` must have shape (*batch, {vocab_size}); received shape "
+                f"{self.mask.shape}."
+            )
 
     def filter(self, scores):
-        if self.mask.shape[-1] != scores.shape[-1]:
-            raise ValueError(
-                f"`Mask` has {self.mask.shape[-1]} tokens but the logits have "
-                f"{scores.shape[-1]}."
-            )
+        self.check_vocab(scores.shape[-1])
         return jnp.where(self.mask, scores, -jnp.inf)
 
 

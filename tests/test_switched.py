@@ -20,10 +20,12 @@ def test_entropic_from_uniform_never_switches(getkey):
     logits = random_logits(getkey(), (3, 40))
     ts = jnp.linspace(0.0, 10.0, 11)
     flow = rx.EntropicReplicator(logits, 0.8)
-    switched = rx.solve_switched(flow, t1=10.0, support=rx.TopP(0.9), saveat=rx.SaveAt(ts=ts))
+    switched = rx.solve(
+        flow, t1=10.0, support=rx.TopP(0.9), saveat=rx.SaveAt(ts=ts), method=rx.Switched()
+    )
     fixed = rx.solve(flow, t1=10.0, support=rx.TopP(0.9), saveat=rx.SaveAt(ts=ts))
-    assert jnp.all(switched.num_switches == 0)
-    assert jnp.all(switched.switch_ts == jnp.inf)
+    assert jnp.all(switched.info.num_switches == 0)
+    assert jnp.all(switched.info.switch_ts == jnp.inf)
     np.testing.assert_allclose(jnp.exp(switched.log_p), jnp.exp(fixed.log_p), atol=1e-12)
 
 
@@ -34,19 +36,21 @@ def test_replicator_min_p_switching_times_closed_form(getkey):
     logits = random_logits(getkey(), (12,), scale=1.0)
     temperature, min_p = 0.7, 0.01
     flow = rx.Replicator(logits, temperature)
-    sol = rx.solve_switched(flow, t1=50.0, support=rx.MinP(min_p), max_switches=32)
+    sol = rx.solve(
+        flow, t1=50.0, support=rx.MinP(min_p), method=rx.Switched(max_switches=32)
+    )
     face0 = np.asarray(rx.face(flow, rx.MinP(min_p)))
     s = np.asarray(logits)
     gaps = s - s.max()
     expected = np.where(gaps < 0, temperature * np.log(min_p) / np.where(gaps < 0, gaps, -1), np.inf)
     expected = np.where(face0, expected, 0.0)  # off the initial face: left at t0
-    removed = np.asarray(sol.removed_at)
+    removed = np.asarray(sol.info.removed_at)
     late = face0 & np.isfinite(expected) & (expected < 50.0)
     assert late.sum() >= 3
     np.testing.assert_allclose(removed[late], expected[late], rtol=EVENT_TOL)
     assert np.all(removed[~face0] == 0.0)
-    assert int(sol.num_switches) == int(late.sum())
-    assert np.all(np.diff(np.asarray(sol.switch_ts)[: int(sol.num_switches)]) > 0)
+    assert int(sol.info.num_switches) == int(late.sum())
+    assert np.all(np.diff(np.asarray(sol.info.switch_ts)[: int(sol.info.num_switches)]) > 0)
 
 
 def test_replicator_top_p_switches_match_transformers(getkey):
@@ -55,10 +59,12 @@ def test_replicator_top_p_switches_match_transformers(getkey):
     logits = random_logits(getkey(), (20,), scale=2.0)
     temperature, top_p = 1.0, 0.9
     flow = rx.Replicator(logits, temperature)
-    sol = rx.solve_switched(flow, t1=6.0, support=rx.TopP(top_p), max_switches=32)
-    n = int(sol.num_switches)
+    sol = rx.solve(
+        flow, t1=6.0, support=rx.TopP(top_p), method=rx.Switched(max_switches=32)
+    )
+    n = int(sol.info.num_switches)
     assert n >= 2
-    taus = np.asarray(sol.switch_ts[:n])
+    taus = np.asarray(sol.info.switch_ts[:n])
     assert taus[0] >= 1.0
     warper = TopPLogitsWarper(top_p)
 
@@ -67,7 +73,7 @@ def test_replicator_top_p_switches_match_transformers(getkey):
         out = warper(None, torch.tensor(np.asarray(log_p))[None])
         return int(torch.isfinite(out).sum())
 
-    sizes = np.asarray(sol.face_size)
+    sizes = np.asarray(sol.info.face_size)
     for k, tau in enumerate(taus):
         assert nucleus(tau * (1 - 1e-6)) == sizes[k]
         assert nucleus(tau * (1 + 1e-6)) == sizes[k + 1]
@@ -79,7 +85,9 @@ def test_switched_path_is_projection_of_the_full_flow(getkey):
     logits = random_logits(getkey(), (2, 15))
     ts = jnp.linspace(0.0, 5.0, 26)
     flow = rx.Replicator(logits, 0.6)
-    sol = rx.solve_switched(flow, t1=5.0, support=rx.TopP(0.8), saveat=rx.SaveAt(ts=ts))
+    sol = rx.solve(
+        flow, t1=5.0, support=rx.TopP(0.8), saveat=rx.SaveAt(ts=ts), method=rx.Switched()
+    )
     full = rx.solve(flow, t1=5.0, saveat=rx.SaveAt(ts=ts)).log_p
     face = np.asarray(sol.log_p) > -np.inf
     expected = np.where(face, np.asarray(full), -np.inf)
@@ -94,15 +102,25 @@ def test_switched_errors_and_limits(getkey):
     logits = random_logits(getkey(), (2, 10))
     flow = rx.Replicator(logits, 1.0)
     with pytest.raises(TypeError, match="support"):
-        rx.solve_switched(flow, t1=1.0, support=rx.TopK(3))
+        rx.solve(flow, t1=1.0, support=rx.TopK(3), method=rx.Switched())
     state = rx.Replicator(rx.Logits(logits) + rx.SelfReinforcement(1.0), 1.0)
     with pytest.raises(ValueError, match="constant score"):
-        rx.solve_switched(state, t1=1.0, support=rx.TopP(0.9))
+        rx.solve(state, t1=1.0, support=rx.TopP(0.9), method=rx.Switched())
     # Too few switches allowed: flagged per row, not silent.
     flow = rx.Replicator(random_logits(getkey(), (2, 10), scale=1.0), 1.0)
-    sol = rx.solve_switched(flow, t1=40.0, support=rx.TopP(0.99), max_switches=1)
-    assert jnp.all(sol.num_switches <= 1)
-    many = rx.solve_switched(flow, t1=40.0, support=rx.TopP(0.99), max_switches=16)
-    flagged = np.asarray(many.num_switches) > 1
+    sol = rx.solve(
+        flow,
+        t1=40.0,
+        support=rx.TopP(0.99),
+        method=rx.Switched(max_switches=1, throw=False),
+    )
+    assert jnp.all(sol.info.num_switches <= 1)
+    many = rx.solve(
+        flow,
+        t1=40.0,
+        support=rx.TopP(0.99),
+        method=rx.Switched(max_switches=16, throw=False),
+    )
+    flagged = np.asarray(many.info.num_switches) > 1
     assert np.any(flagged)
     assert np.all(np.asarray(sol.result == rx.RESULTS.max_steps_reached) == flagged)

@@ -1,0 +1,85 @@
+"""The base of the methods family and what a method returns for one context."""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PyTree
+
+from .._flows import AbstractFlow
+from .._rows import Row, Rows
+from .._saveat import SaveAt
+from .._solution import RESULTS
+
+
+class RowSolution(eqx.Module):
+    """What a method returns for one context (`solve` stacks them over the batch).
+
+    **Fields:**
+
+    - `log_p`: `(times, vocab)`, or `None` when `SaveAt(fn=...)` was used.
+    - `observables`: the output of `SaveAt(fn=...)` at each saved time, or `None`.
+    - `aux`: the history at the saved times, or `None`.
+    - `stats`: integer counters (`num_steps`, ...).
+    - `result`: a `RESULTS`.
+    - `info`: what only this method knows (e.g. the switching times of `Switched`), or
+        `None`.
+    """
+
+    log_p: Float[Array, "times vocab"] | None
+    observables: PyTree | None
+    aux: PyTree | None
+    stats: dict[str, Int[Array, ""]]
+    result: RESULTS
+    info: PyTree | None = None
+
+
+class AbstractMethod(eqx.Module):
+    """Base class of the methods: how `solve` computes the path of one context.
+
+    Subclasses implement `solve_row`; `prepare` (optional) checks, outside `jit`, that the
+    method applies to the problem and turns its Python floats into arrays (so that new
+    values do not recompile). Options that set shapes or control flow are static fields.
+    """
+
+    # Short name, reported as `Trajectory.method`.
+    name: eqx.AbstractClassVar[str]
+
+    def prepare(self, rows: Rows, saveat: SaveAt) -> "AbstractMethod":
+        """This method, checked against the problem and with its floats made arrays of
+        `rows.dtype`. Raises `ValueError` / `TypeError` naming the argument."""
+        del rows, saveat
+        return self
+
+    @abc.abstractmethod
+    def solve_row(
+        self,
+        row: Row,
+        t0: Float[Array, ""],
+        t1: Float[Array, ""],
+        save_ts: Float[Array, " times"],
+        saveat: SaveAt,
+    ) -> RowSolution:
+        """The path of one context from `t0` to `t1`, saved at `save_ts` (as `saveat`
+        asks: `log_p`, or only `saveat.fn` of it)."""
+
+
+def no_steps() -> dict[str, Int[Array, ""]]:
+    zero = jnp.zeros((), jnp.int32)
+    return dict(num_steps=zero, num_accepted_steps=zero, num_rejected_steps=zero)
+
+
+def save_along(
+    log_p_at: Callable[[Float[Array, ""]], Float[Array, " vocab"]],
+    save_ts: Float[Array, " times"],
+    saveat: SaveAt,
+    flow: AbstractFlow,
+) -> tuple[Float[Array, "times vocab"] | None, PyTree | None]:
+    """`(log_p, observables)` at the saved times from a function of time. With
+    `saveat.fn` one time at a time (`lax.map`), so that only the observables are ever
+    stored, never a `(times, vocab)` block per row."""
+    if saveat.fn is None:
+        return jax.vmap(log_p_at)(save_ts), None
+    return None, jax.lax.map(lambda t: saveat.fn(t, log_p_at(t), flow), save_ts)

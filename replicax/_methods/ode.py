@@ -1,0 +1,159 @@
+"""The ODE method: the flow integrated in log space with diffrax (any score)."""
+
+from typing import ClassVar
+
+import diffrax
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array
+
+from .._custom_types import RealScalarLike
+from .._rows import as_scalar, check_scalar, floats_to_arrays, Row, Rows
+from .._saveat import SaveAt
+from .._solution import RESULTS
+from .base import AbstractMethod, RowSolution
+
+
+def check_max_steps(max_steps, name: str = "max_steps", allow_none: bool = True):
+    if max_steps is None and allow_none:
+        return
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(
+            f"`{name}` must be an int >= 1"
+            + (" or None" if allow_none else "")
+            + f"; received {max_steps!r}."
+        )
+
+
+def tolerances(rtol, atol, dtype, default) -> tuple[Array, Array]:
+    """`rtol`, `atol` as arrays of `dtype`, checked (finite, > 0; on device if traced)."""
+    out = []
+    for value, name in ((rtol, "rtol"), (atol, "atol")):
+        value = as_scalar(default if value is None else value, name, dtype)
+        out.append(check_scalar(value, name, positive=True))
+    return out[0], out[1]
+
+
+class ODE(AbstractMethod):
+    """Integrate the flow with diffrax, in log space (THEORY §6.1): the state is the
+    log-weights `θ` (and the score's history, if any), `log p` is read out with the
+    flow's `readout`. Works for every score; the only method for state- or
+    history-dependent ones.
+
+    **Arguments** (diffrax's own objects and names):
+
+    - `solver`: a diffrax ODE solver; default `diffrax.Tsit5()`.
+    - `stepsize_controller`: a diffrax step-size controller; default
+        `diffrax.PIDController(rtol=rtol, atol=atol)`. Python floats inside it are made
+        dynamic.
+    - `rtol`, `atol`: tolerances of the default controller, on `log p` (default `1e-6`).
+        Dynamic. Give them to your own controller instead when you pass one.
+    - `dt0`: initial step (`None`: chosen by the controller; needed by a constant step).
+    - `adjoint`: a diffrax adjoint; default `diffrax.RecursiveCheckpointAdjoint()`.
+    - `max_steps`: step budget per context (static).
+    - `throw`: raise if the solver fails; with `False`, failures are reported per row in
+        `Trajectory.result` (and those rows' outputs are not meaningful).
+    - `progress_meter`: a diffrax progress meter (e.g. `diffrax.TqdmProgressMeter()`).
+    """
+
+    name: ClassVar[str] = "ode"
+    solver: diffrax.AbstractSolver = diffrax.Tsit5()
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None
+    rtol: RealScalarLike | None = None
+    atol: RealScalarLike | None = None
+    dt0: RealScalarLike | None = None
+    adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint()
+    max_steps: int | None = eqx.field(static=True, default=4096)
+    throw: bool = eqx.field(static=True, default=True)
+    progress_meter: diffrax.AbstractProgressMeter = diffrax.NoProgressMeter()
+
+    def __check_init__(self):
+        check_max_steps(self.max_steps)
+        if not isinstance(self.solver, diffrax.AbstractSolver):
+            raise TypeError(
+                "`solver` must be a diffrax solver (e.g. `diffrax.Tsit5()`); received "
+                f"{type(self.solver).__name__}."
+            )
+        if self.stepsize_controller is not None and not isinstance(
+            self.stepsize_controller, diffrax.AbstractStepSizeController
+        ):
+            raise TypeError(
+                "`stepsize_controller` must be a diffrax step-size controller; received "
+                f"{type(self.stepsize_controller).__name__}."
+            )
+        if self.stepsize_controller is not None and (
+            self.rtol is not None or self.atol is not None
+        ):
+            raise ValueError(
+                "`rtol` and `atol` configure the default step-size controller; with your "
+                "own `stepsize_controller`, give them to it instead."
+            )
+
+    def prepare(self, rows: Rows, saveat: SaveAt) -> "ODE":
+        del saveat
+        dtype = rows.dtype
+        if self.stepsize_controller is None:
+            rtol, atol = tolerances(self.rtol, self.atol, dtype, 1e-6)
+            controller = diffrax.PIDController(rtol=rtol, atol=atol)
+        else:
+            rtol = atol = None
+            controller = floats_to_arrays(self.stepsize_controller, dtype)
+        dt0 = self.dt0
+        if dt0 is not None:
+            dt0 = check_scalar(as_scalar(dt0, "dt0", dtype), "dt0", positive=True)
+        return eqx.tree_at(
+            lambda m: (m.stepsize_controller, m.rtol, m.atol, m.dt0),
+            self,
+            (controller, rtol, atol, dt0),
+            is_leaf=lambda x: x is None,
+        )
+
+    def solve_row(self, row: Row, t0, t1, save_ts, saveat) -> RowSolution:
+        del save_ts
+        flow, face = row.flow, row.face
+        theta0 = row.theta0()
+        aux0 = flow.score.init_aux(flow.readout(theta0, face))
+        has_aux = len(jtu.tree_leaves(aux0)) > 0
+        fn = saveat.fn
+
+        def split(y):
+            theta, aux = y if has_aux else (y, aux0)
+            return flow.readout(theta, face), aux
+
+        def vector_field(t, y, args):
+            del args
+            log_p, aux = split(y)
+            rate = flow.log_rate(t, log_p, aux, face)
+            return (rate, flow.score.aux_rate(t, log_p, aux)) if has_aux else rate
+
+        def save_fn(t, y, args):
+            del args
+            log_p, aux = split(y)
+            if fn is not None:
+                return fn(t, log_p, flow)
+            return (log_p, aux) if has_aux else log_p
+
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vector_field),
+            self.solver,
+            t0,
+            t1,
+            self.dt0,
+            (theta0, aux0) if has_aux else theta0,
+            saveat=diffrax.SaveAt(t0=saveat.t0, t1=saveat.t1, ts=saveat.ts, fn=save_fn),
+            stepsize_controller=self.stepsize_controller,
+            adjoint=self.adjoint,
+            max_steps=self.max_steps,
+            throw=self.throw,
+            progress_meter=self.progress_meter,
+        )
+        stats = {
+            k: jnp.asarray(sol.stats[k], jnp.int32)
+            for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")
+        }
+        result = RESULTS.promote(sol.result)
+        if fn is not None:
+            return RowSolution(None, sol.ys, None, stats, result)
+        log_p, aux = sol.ys if has_aux else (sol.ys, None)
+        return RowSolution(log_p, None, aux, stats, result)

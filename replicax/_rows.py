@@ -1,0 +1,420 @@
+"""Argument preparation and run-time checks shared by every entry point.
+
+Every entry point (`solve`, the observables of a flow, the discrete maps) works the same
+way (diffrax `_integrate.py`, equinox `nn/_linear.py`):
+
+1. outside `jit`, `prepare_rows` checks what is known from shapes and host values, finds
+   the batch shape of the flow, its start and its supports, and `prepare_times` turns
+   times into arrays (so that new values do not recompile);
+2. inside `jit`, `Rows.flat()` broadcasts every leaf to the batch, attaches the run-time
+   checks of the values (on device, naming the batch index), flattens the batch and
+   returns one `Row` per context;
+3. `vmap_rows` maps a one-context function over those rows and restores the batch shape.
+
+This module is internal: its names carry no underscore so that the other modules can
+share them, and nothing here is re-exported.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
+
+from ._flows import AbstractFlow
+from ._misc import as_numpy, compute_dtype, error_if_rows, is_concrete
+from ._saveat import SaveAt
+from ._support import AbstractSupport, as_supports, face_of_row
+
+
+# Tolerance on `|Σ y0 - 1|` (or `|logsumexp log_y0|`) per dtype.
+Y0_TOLERANCE = {4: 1e-4, 8: 1e-9}
+
+
+class Row(eqx.Module):
+    """One context, prepared: its flow, the face it lives on and its start.
+
+    **Fields:**
+
+    - `flow`: the flow of this context (its own logits, temperature and parameters).
+    - `face`: the tokens the context lives on: those its logits allow, on which `y0`
+        puts mass, and that its supports keep.
+    - `alive`: the same without the supports (the face of the unrestricted flow).
+    - `log_y0`: the start as log-probabilities, as given (`None`: uniform on the face).
+    - `supports`: the supports of this context (one parameter set each), as given.
+    """
+
+    # Built for the whole flattened batch (a leading axis of rows) and mapped over it.
+    flow: AbstractFlow
+    face: Bool[Array, "*rows vocab"]
+    alive: Bool[Array, "*rows vocab"]
+    log_y0: Float[Array, "*rows vocab"] | None
+    supports: tuple[AbstractSupport, ...]
+    dtype: Any = eqx.field(static=True)
+
+    @property
+    def uniform(self) -> bool:
+        return self.log_y0 is None
+
+    def log_p0(self, on: Bool[Array, " vocab"] | None = None) -> Float[Array, " vocab"]:
+        """The start I-projected onto `on` (default: the face), `-inf` off it; uniform on
+        it when no start was given."""
+        on = self.face if on is None else on
+        start = jnp.zeros(on.shape, self.dtype) if self.log_y0 is None else self.log_y0
+        return jax.nn.log_softmax(jnp.where(on, start, -jnp.inf))
+
+    def theta0(self, on: Bool[Array, " vocab"] | None = None) -> Float[Array, " vocab"]:
+        """`log_p0(on)` with `0` off `on`: finite log-weights to integrate."""
+        on = self.face if on is None else on
+        return jnp.where(on, self.log_p0(on), 0)
+
+    def scores(self) -> Float[Array, " vocab"]:
+        """The constant scores (finite; masked tokens hold 0)."""
+        return self.flow.score.constant_value().astype(self.dtype)
+
+    def centred_scores(self) -> Float[Array, " vocab"]:
+        """The constant scores minus their maximum on the face, `0` off it."""
+        scores = self.scores()
+        top = jnp.max(jnp.where(self.face, scores, -jnp.inf))
+        return jnp.where(self.face, scores - top, 0)
+
+
+class Rows(eqx.Module):
+    """A flow, its start and its supports, with the batch shape they broadcast to.
+
+    Built outside `jit` from shapes alone (no value is read, so nothing waits for the
+    device); `flat()` is called inside `jit`.
+    """
+
+    flow: AbstractFlow  # as given
+    start: Float[Array, "*start_batch vocab"] | None  # y0 or log_y0, as given
+    supports: tuple[AbstractSupport, ...]
+    start_name: str | None = eqx.field(static=True)
+    batch_shape: tuple[int, ...] = eqx.field(static=True)
+    vocab_size: int = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+    temperature_first: bool = eqx.field(static=True, default=True)
+
+    @property
+    def num_rows(self) -> int:
+        return math.prod(self.batch_shape)
+
+    def flat(self) -> Row:
+        """One `Row` per context (leading axis: the flattened batch), with the run-time
+        checks of every value attached."""
+        batch_shape, vocab = self.batch_shape, self.vocab_size
+        flow = self.flow
+        score = flow.score.broadcast_batch(batch_shape)
+        temperature = jnp.broadcast_to(flow.temperature, batch_shape)
+        flow = eqx.tree_at(lambda f: (f.score, f.temperature), flow, (score, temperature))
+        flow = self.flatten(check_flow_values(flow, self.dtype))
+        supports = tuple(
+            self.flatten(s.broadcast_batch(batch_shape).check()) for s in self.supports
+        )
+        alive = flow.score.face()
+        alive = jnp.ones((self.num_rows, vocab), bool) if alive is None else alive
+        log_y0 = None
+        if self.start is not None:
+            start = self.start.astype(self.dtype)
+            log_y0 = jnp.log(start) if self.start_name == "y0" else start
+            log_y0 = jnp.broadcast_to(log_y0, batch_shape + (vocab,))
+            log_y0 = check_start(log_y0, self.start_name, Y0_TOLERANCE[self.dtype.itemsize])
+            log_y0 = log_y0.reshape(self.num_rows, vocab)
+            alive = alive & (log_y0 > -jnp.inf)
+        face = alive
+        if supports:
+            logits = flow.score.constant_logits()
+            kept = jax.vmap(face_of_row, in_axes=(0, 0, 0, None))(
+                logits, flow.temperature, supports, self.temperature_first
+            )
+            kept = error_if_rows(
+                kept,
+                self.unflatten(~jnp.any(kept & (logits > -jnp.inf), axis=-1)),
+                "`support` leaves no token at batch index {index}.",
+            )
+            face = face & kept
+        if self.start is not None:
+            face = error_if_rows(
+                face,
+                self.unflatten(~jnp.any(face, axis=-1)),
+                f"`{self.start_name}` puts no mass on any token allowed by the logits"
+                + (" and `support`" if supports else "")
+                + " at batch index {index}.",
+            )
+        return Row(flow, face, alive, log_y0, supports, self.dtype)
+
+    def flatten(self, tree: PyTree) -> PyTree:
+        """Every array leaf of `tree` (leading shape `batch_shape`) as `(rows, ...)`."""
+        n, k = self.num_rows, len(self.batch_shape)
+        return jtu.tree_map(
+            lambda x: x.reshape((n,) + x.shape[k:]) if eqx.is_array(x) else x, tree
+        )
+
+    def broadcast(self, x: ArrayLike) -> Array:
+        """An extra per-row argument (e.g. `eps`) as one value per row."""
+        return jnp.broadcast_to(x, self.batch_shape).reshape(self.num_rows)
+
+    def unflatten(self, x: Array) -> Array:
+        return x.reshape(self.batch_shape + x.shape[1:])
+
+
+def vmap_rows(fn: Callable[..., PyTree], rows: Rows, *args) -> PyTree:
+    """`fn(row, *arg_rows)` for every context, with the batch shape restored on every
+    leaf of the output. Each of `args` is broadcast to one value per row. Call inside
+    `jit` (un-jitted, a vmapped closed form dispatches many small operations)."""
+    row = rows.flat()
+    args = [rows.broadcast(a) for a in args]
+    out = jax.vmap(fn)(row, *args)
+    return jtu.tree_map(rows.unflatten, out)
+
+
+def prepare_rows(
+    flow: AbstractFlow,
+    *,
+    y0: ArrayLike | None = None,
+    log_y0: ArrayLike | None = None,
+    support=None,
+    temperature_first: bool = True,
+    extra_batch_shapes: tuple[tuple[int, ...], ...] = (),
+) -> Rows:
+    """Check the shapes of a flow, its start and its supports, and find their common
+    batch shape and the dtype to compute in."""
+    if not isinstance(flow, AbstractFlow):
+        raise TypeError(
+            "`flow` must be a replicax flow (e.g. `Replicator` or `EntropicReplicator`); "
+            f"received {type(flow).__name__}."
+        )
+    if y0 is not None and log_y0 is not None:
+        raise ValueError("Give at most one of `y0` and `log_y0`.")
+    supports = as_supports(support)
+    if supports and flow.score.constant_logits() is None:
+        raise ValueError(
+            "`support` is evaluated on the constant logits of the score, and this score "
+            "has none: add a `Logits` term."
+        )
+    score = flow.score
+    vocab_size = score.vocab_size
+
+    float_leaves = [
+        x
+        for x in jtu.tree_leaves(flow)
+        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+    start_name = "y0" if y0 is not None else ("log_y0" if log_y0 is not None else None)
+    start = y0 if y0 is not None else log_y0
+    if start is not None:
+        start = jnp.asarray(start)
+        if start.ndim == 0:
+            raise ValueError(
+                f"`{start_name}` must have shape (*batch, vocab); received a scalar."
+            )
+        if vocab_size is None:
+            vocab_size = start.shape[-1]
+        elif start.shape[-1] != vocab_size:
+            raise ValueError(
+                f"`{start_name}` must have shape (*batch, {vocab_size}) to match the "
+                f"logits; received shape {start.shape}."
+            )
+        float_leaves.append(start)
+    if vocab_size is None:
+        raise ValueError(
+            "Cannot tell the vocabulary size: the score has no `Logits` term, so give "
+            "`y0` or `log_y0`."
+        )
+    # Python floats (temperature=0.7) are weakly typed and must not decide the dtype.
+    strong = [x for x in float_leaves if not getattr(x, "weak_type", False)]
+    itemsize = max([4] + [compute_dtype(x.dtype).itemsize for x in strong or float_leaves])
+    dtype = jnp.dtype(jnp.float64 if itemsize == 8 else jnp.float32)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        dtype = jnp.dtype(jnp.float32)
+
+    for s in supports:
+        s.check_vocab(vocab_size)
+    shapes = {
+        "score": score.batch_shape,
+        "temperature": flow.temperature.shape,
+        **({start_name: start.shape[:-1]} if start is not None else {}),
+        **{type(s).__name__: s.batch_shape for s in supports},
+        **{f"argument {i}": shape for i, shape in enumerate(extra_batch_shapes)},
+    }
+    try:
+        batch_shape = jnp.broadcast_shapes(*shapes.values())
+    except ValueError:
+        raise ValueError(
+            "The batch shapes do not broadcast together: "
+            + ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+            + "."
+        ) from None
+    return Rows(
+        flow,
+        start,
+        supports,
+        start_name,
+        tuple(batch_shape),
+        vocab_size,
+        dtype,
+        temperature_first,
+    )
+
+
+def check_start(log_p0, name, tol):
+    """Run-time errors for a start that is not a distribution, naming the batch index."""
+    if name == "y0":
+        bad_value = jnp.any(jnp.isnan(log_p0), axis=-1)
+        value_msg = "`y0` has a negative or NaN entry at batch index {index}."
+    else:
+        bad_value = jnp.any(jnp.isnan(log_p0) | (log_p0 == jnp.inf), axis=-1)
+        value_msg = "`log_y0` has a NaN or +inf entry at batch index {index}."
+    total = jnp.sum(jnp.exp(jnp.where(jnp.isnan(log_p0), -jnp.inf, log_p0)), axis=-1)
+    bad_sum = ~bad_value & ~(jnp.abs(total - 1) <= tol)
+    what = "sum to 1" if name == "y0" else "be normalised (logsumexp 0)"
+    sum_msg = f"`{name}` must {what} within {tol:g}; it does not at batch index {{index}}."
+    log_p0 = error_if_rows(log_p0, bad_value, value_msg)
+    return error_if_rows(log_p0, bad_sum, sum_msg)
+
+
+def check_flow_values(flow: AbstractFlow, dtype) -> AbstractFlow:
+    """Run-time checks of the temperature and of every score term (leaves broadcast to
+    the batch shape, so that a bad row is named by its batch index).
+
+    These are checks on device (`eqx.error_if`): nothing is copied to the host."""
+    temperature = flow.temperature
+    temperature = error_if_rows(
+        temperature,
+        ~(jnp.isfinite(temperature) & (temperature > 0)),
+        "`temperature` must be finite and > 0; it is not at batch index {index}.",
+    )
+    # Below the smallest normal number `t/T` and `s/T` overflow (and a subnormal may be
+    # flushed to 0): such a temperature is out of range, not greedy decoding.
+    tiny = float(jnp.finfo(dtype).tiny)
+    temperature = error_if_rows(
+        temperature,
+        temperature.astype(dtype) < tiny,
+        f"`temperature` must be at least {tiny:.3g} (the smallest normal {dtype.name}); "
+        "it is not at batch index {index}. Greedy decoding (T = 0) is the argmax.",
+    )
+    return eqx.tree_at(
+        lambda f: (f.score, f.temperature), flow, (flow.score.check(), temperature)
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Times
+
+
+def as_scalar(x, name: str, dtype) -> Array:
+    """A scalar argument as an array of `dtype`; a host value is checked to be finite."""
+    x = jnp.asarray(x)
+    if x.ndim != 0:
+        raise ValueError(f"`{name}` must be a scalar; received shape {x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"`{name}` must be a real number; received dtype {x.dtype}.")
+    if is_concrete(x) and not np.isfinite(as_numpy(x)):
+        raise ValueError(f"`{name}` must be finite; received {x}.")
+    return x.astype(dtype)
+
+
+def check_scalar(
+    x: Array, name: str, *, positive: bool = False, allow_zero: bool = False
+) -> Array:
+    """Run-time check (for traced values) that a scalar is finite, and `> 0` (or `>= 0`)
+    when asked; concrete values were checked by `as_scalar` and are checked here too."""
+    ok = jnp.isfinite(x)
+    what = "finite"
+    if positive:
+        ok &= (x >= 0) if allow_zero else (x > 0)
+        what = "finite and >= 0" if allow_zero else "finite and > 0"
+    if is_concrete(x):
+        if not bool(ok):
+            raise ValueError(f"`{name}` must be {what}; received {x}.")
+        return x
+    return eqx.error_if(x, ~ok, f"`{name}` must be {what}.")
+
+
+def prepare_times(t0, t1, saveat: SaveAt, dtype):
+    """`t0`, `t1` and the saved times as arrays of `dtype` (dynamic), checked."""
+    t0 = as_scalar(t0, "t0", dtype)
+    t1 = as_scalar(t1, "t1", dtype)
+    ts = None if saveat.ts is None else jnp.asarray(saveat.ts, dtype)
+    t0, t1, ts = _check_times(t0, t1, ts)
+    saveat = eqx.tree_at(lambda s: s.ts, saveat, ts, is_leaf=lambda x: x is None)
+    return t0, t1, saveat
+
+
+def _check_times(t0, t1, ts):
+    concrete = all(is_concrete(x) for x in (t0, t1, ts) if x is not None)
+    xp, conv = (np, as_numpy) if concrete else (jnp, lambda x: x)
+    a0, a1 = conv(t0), conv(t1)
+    bad_order = a1 < a0
+    if ts is not None:
+        a = conv(ts)
+        bad_ts = xp.any(a < a0) | xp.any(a > a1) | xp.any(xp.diff(a) < 0)
+        bad_ts = bad_ts | xp.any(~xp.isfinite(a))
+    else:
+        bad_ts = xp.asarray(False)
+    msg_order = "`t1` must be >= `t0`."
+    msg_ts = "`SaveAt(ts=...)` must be finite, non-decreasing and within [t0, t1]."
+    if concrete:
+        if bool(bad_order):
+            raise ValueError(f"{msg_order} Received t0={t0}, t1={t1}.")
+        if bool(bad_ts):
+            raise ValueError(f"{msg_ts} Received ts={ts}, t0={t0}, t1={t1}.")
+        return t0, t1, ts
+    t0 = eqx.error_if(t0, ~jnp.isfinite(t0), "`t0` must be finite.")
+    t1 = eqx.error_if(t1, ~jnp.isfinite(t1), "`t1` must be finite.")
+    t1 = eqx.error_if(t1, bad_order, msg_order)
+    if ts is not None:
+        ts = eqx.error_if(ts, bad_ts, msg_ts)
+    return t0, t1, ts
+
+
+def saved_times(t0, t1, saveat: SaveAt) -> Float[Array, " times"]:
+    """The saved times, in order: `t0`, the entries of `ts`, `t1` (as `saveat` asks)."""
+    parts = []
+    if saveat.t0:
+        parts.append(t0[None])
+    if saveat.ts is not None:
+        parts.append(saveat.ts)
+    if saveat.t1:
+        parts.append(t1[None])
+    return jnp.concatenate(parts)
+
+
+def floats_to_arrays(tree: PyTree, dtype) -> PyTree:
+    """Python floats in `tree` as arrays of `dtype`: under `eqx.filter_jit` a Python
+    float is static, and a new value would recompile."""
+    return jtu.tree_map(
+        lambda x: jnp.asarray(x, dtype) if isinstance(x, float) else x, tree
+    )
+
+
+def check_saveat_fn(saveat: SaveAt, rows: Rows, t0) -> None:
+    """`TypeError` now (from shapes alone) if `SaveAt(fn=...)` cannot be called as
+    `fn(t, log_p, flow)` on one context or does not return a PyTree of arrays."""
+    if saveat.fn is None:
+        return
+    if not callable(saveat.fn):
+        raise TypeError(
+            f"`SaveAt(fn=...)` must be callable; received {type(saveat.fn).__name__}."
+        )
+
+    def one(row):
+        return saveat.fn(t0, row.log_p0(), row.flow)
+
+    try:
+        out = jax.eval_shape(lambda r: vmap_rows(one, r), rows)
+    except Exception as error:  # noqa: BLE001 - re-raised with what to change
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TypeError(
+            "`SaveAt(fn=...)` must be a function `fn(t, log_p, flow)` of one context (a "
+            "time, a `(vocab,)` array of log-probabilities and that context's flow) "
+            f"returning a PyTree of arrays; calling it failed with "
+            f"{type(error).__name__}: {first}"
+        ) from error
+    if not jtu.tree_leaves(out):
+        raise TypeError("`SaveAt(fn=...)` returned no array; it must return some.")
