@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from . import datasets as datasets
 from ._discrete import (
     entropic_mirror_map as entropic_mirror_map,
     multiplicative_weights as multiplicative_weights,
