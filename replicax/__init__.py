@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from . import datasets as datasets
 from ._discrete import (
     discrete_map as discrete_map,
     entropic_mirror_map as entropic_mirror_map,
