@@ -6,13 +6,23 @@ import numpy as np
 import pytest
 import replicax as rx
 
-from .helpers import FLOWS, random_logits, random_simplex, scipy_replicator, softmax64
+from .helpers import (
+    closed_form_log_p,
+    FLOWS,
+    random_logits,
+    random_simplex,
+    scipy_replicator,
+    softmax64,
+)
 
 
 # scipy at rtol 1e-11 in float64; the closed form is exact, so the gap is scipy's error.
 SCIPY_TOL = 1e-9
-# float32 identities: a few ulps of a probability.
+# Against the longdouble closed forms: a few ulps of a probability per dtype.
 F32_TOL = 1e-6
+F64_TOL = 1e-14
+# Two closed forms of one curve, both in longdouble (eps 1.1e-19).
+LONGDOUBLE_TOL = 1e-17
 
 
 @pytest.mark.parametrize("flow_cls", FLOWS)
@@ -53,6 +63,9 @@ def test_closed_form_batched_matches_rows(getkey):
 
 @pytest.mark.parametrize("temperature", [0.3, 0.7, 1.5, 4.0])
 def test_temperature_is_time_for_replicator(getkey, temperature):
+    # p_T(t) = p_1(t/T): both sides against softmax(t s/T) in longdouble, so that a
+    # shared mistake cannot cancel. float32: the scores are centred before scaling, so
+    # the error of a probability is a few ulps of it (F32_TOL).
     logits = random_logits(getkey(), (4, 1000), dtype=jnp.float32)
     ts = jnp.linspace(0.0, 3.0, 11, dtype=jnp.float32)
     hot = rx.solve(
@@ -64,8 +77,16 @@ def test_temperature_is_time_for_replicator(getkey, temperature):
         saveat=rx.SaveAt(ts=ts / temperature),
     )
     assert hot.log_p.dtype == jnp.float32
-    err = jnp.max(jnp.abs(jnp.exp(hot.log_p) - jnp.exp(cold.log_p)))
-    assert err <= F32_TOL
+    assert cold.log_p.dtype == jnp.float32
+    # The temperature replicax uses is the float32 one.
+    expected = np.exp(
+        closed_form_log_p(False, logits, np.float32(temperature), np.asarray(ts))
+    )
+    for sol in (hot, cold):
+        err = np.max(np.abs(np.exp(np.asarray(sol.log_p, np.longdouble)) - expected))
+        assert err <= F32_TOL
+    gap = jnp.max(jnp.abs(jnp.exp(hot.log_p) - jnp.exp(cold.log_p)))
+    assert gap <= 2 * F32_TOL
 
 
 def test_temperature_is_not_time_for_entropic(getkey):
@@ -115,14 +136,29 @@ def test_entropic_tends_to_softmax(getkey, temperature):
 
 
 def test_entropic_and_replicator_share_the_curve_from_uniform(getkey):
-    # From uniform, (E) at time t sits where (R) is at time 1 - e^{-t}.
+    # From uniform, (E) at time t sits where (R) is at time 1 - e^{-t}: both against
+    # softmax((1 - e^{-t}) s/T) computed in longdouble.
     logits = random_logits(getkey(), (30,))
+    temperature = 0.8
     ts = jnp.array([0.1, 0.5, 2.0, 5.0])
-    e = rx.solve(rx.EntropicReplicator(logits, 0.8), t1=5.0, saveat=rx.SaveAt(ts=ts))
-    r = rx.solve(
-        rx.Replicator(logits, 0.8), t1=1.0, saveat=rx.SaveAt(ts=-jnp.expm1(-ts))
+    e = rx.solve(
+        rx.EntropicReplicator(logits, temperature), t1=5.0, saveat=rx.SaveAt(ts=ts)
     )
-    np.testing.assert_allclose(e.log_p, r.log_p, atol=1e-12)
+    r = rx.solve(
+        rx.Replicator(logits, temperature), t1=1.0, saveat=rx.SaveAt(ts=-jnp.expm1(-ts))
+    )
+    tau = -np.expm1(-np.asarray(ts).astype(np.longdouble))
+    expected = np.exp(closed_form_log_p(False, logits, temperature, tau))
+    # The two closed forms are one curve (a check of the reference itself).
+    np.testing.assert_allclose(
+        np.exp(closed_form_log_p(True, logits, temperature, ts)),
+        expected,
+        rtol=0,
+        atol=LONGDOUBLE_TOL,
+    )
+    for sol in (e, r):
+        err = np.max(np.abs(np.exp(np.asarray(sol.log_p, np.longdouble)) - expected))
+        assert err <= F64_TOL
 
 
 def test_free_energy_along_entropic_is_non_decreasing(getkey):

@@ -102,7 +102,13 @@ def test_vocab_two_to_the_eighteen(getkey, flow_cls):
     assert np.all(np.asarray(sol.log_p[0, :, ::7]) == -np.inf)
 
 
-def test_vocab_one():
-    for flow_cls in FLOWS:
-        sol = rx.solve(flow_cls(jnp.array([[3.0]]), 0.5), t1=2.0, method="ode")
-        np.testing.assert_array_equal(sol.log_p, jnp.zeros((1, 1, 1)))
+@pytest.mark.parametrize("method", ["exact", "ode"])
+@pytest.mark.parametrize("flow_cls", FLOWS)
+def test_vocab_one(flow_cls, method):
+    # One token: p = 1 at every time, from either start, on both paths.
+    flow = flow_cls(jnp.array([[3.0]]), 0.5)
+    ts = jnp.array([0.0, 0.5, 2.0])
+    for y0 in (None, jnp.ones((1, 1))):
+        sol = rx.solve(flow, t1=2.0, y0=y0, method=method, saveat=rx.SaveAt(ts=ts))
+        assert sol.method == method
+        np.testing.assert_array_equal(sol.log_p, jnp.zeros((1, 3, 1)))

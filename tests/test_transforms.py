@@ -8,11 +8,16 @@ import pytest
 import replicax as rx
 from replicax import _solve
 
-from .helpers import FLOWS, random_logits, random_simplex
+from .helpers import closed_form_log_p, FLOWS, random_logits, random_simplex
 
 
 METHODS = ("exact", "ode")
 GRAD_FD_TOL = 1e-6  # central differences at h = 1e-6 in float64
+# jit and eager run the same float64 operations, fused or not: a few ulps apart.
+JIT_EAGER_TOL = 1e-13
+# Probabilities against the longdouble closed form: float64 round-off (exact path); the
+# default controller's rtol = atol = 1e-6 on log p (ODE path).
+CLOSED_FORM_TOL = {"exact": 1e-14, "ode": 1e-5}
 
 
 def _loss(flow_cls, method, temperature=0.8, t1=1.5):
@@ -35,12 +40,28 @@ def _loss(flow_cls, method, temperature=0.8, t1=1.5):
 @pytest.mark.parametrize("flow_cls", FLOWS)
 @pytest.mark.parametrize("method", METHODS)
 def test_jit_equals_eager(getkey, flow_cls, method):
+    # Eager is replicax with jit switched off (every primitive dispatched on its own,
+    # including diffrax's loop); the longdouble closed form is a reference outside JAX.
     logits = random_logits(getkey(), (3, 9))
-    eager = rx.solve(flow_cls(logits, 0.7), t1=2.0, method=method).log_p
+    temperature, t1 = 0.7, 2.0
+    with jax.disable_jit():
+        eager = rx.solve(flow_cls(logits, temperature), t1=t1, method=method).log_p
     jitted = jax.jit(
         lambda s, T, t1: rx.solve(flow_cls(s, T), t1=t1, method=method).log_p
-    )(logits, 0.7, 2.0)
-    np.testing.assert_allclose(eager, jitted, atol=1e-12)
+    )(logits, temperature, t1)
+    np.testing.assert_allclose(eager, jitted, rtol=0, atol=JIT_EAGER_TOL)
+    expected = np.exp(
+        closed_form_log_p(
+            flow_cls is rx.EntropicReplicator, logits, temperature, [t1]
+        )
+    )
+    for log_p in (eager, jitted):
+        np.testing.assert_allclose(
+            np.exp(np.asarray(log_p, np.longdouble)),
+            expected,
+            rtol=0,
+            atol=CLOSED_FORM_TOL[method],
+        )
 
 
 @pytest.mark.parametrize("flow_cls", FLOWS)
@@ -114,7 +135,17 @@ def test_grad_wrt_temperature_and_y0(getkey):
     h = 1e-6
     fd = (loss(0.9 + h, y0) - loss(0.9 - h, y0)) / (2 * h)
     assert float(dT) == pytest.approx(float(fd), rel=1e-6)
-    assert jnp.all(jnp.isfinite(dy))
+    # y0 lives on the simplex, so only derivatives along directions that keep Σ y0 = 1
+    # mean anything: e_i - 1/V, which span the tangent space. Central differences in
+    # float64 at h = 1e-6, far below the smallest y0 entry (so y0 ± h v stays positive,
+    # and Σ stays 1 within rounding).
+    vocab = y0.shape[-1]
+    directions = jnp.eye(vocab, dtype=y0.dtype) - 1 / vocab
+    assert float(jnp.min(y0)) > 1e3 * h
+    fd = jnp.stack(
+        [(loss(0.9, y0 + h * v) - loss(0.9, y0 - h * v)) / (2 * h) for v in directions]
+    )
+    np.testing.assert_allclose(directions @ dy, fd, rtol=GRAD_FD_TOL, atol=GRAD_FD_TOL)
 
 
 def test_no_recompile_when_values_change(getkey):
