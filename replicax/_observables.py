@@ -8,14 +8,13 @@ used inside `SaveAt(fn=...)`. Functions of a flow (`speed`, `time_to`, `target_l
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, Replicator
-from ._misc import as_numpy, is_concrete
 from ._solve import prepare_rows, Rows, row_support
 from ._support import TopP
+from ._time_to import check_eps, entropic_time_to, replicator_time_to
 
 
 def _p_and_safe_log(log_p):
@@ -265,9 +264,6 @@ def nucleus_size(
     return jnp.stack([count(T) for T in temperatures], axis=-1)
 
 
-_BISECTION_STEPS = 80
-
-
 def time_to(
     flow: AbstractFlow,
     eps: Float[ArrayLike, "*eps_batch"] | float,
@@ -292,7 +288,12 @@ def time_to(
     **Arguments:**
 
     - `flow`: a flow whose score is constant (`Logits`).
-    - `eps`: threshold `> 0`, a scalar or one per batch row.
+    - `eps`: threshold, a scalar or one per batch row, at least the smallest normal
+        number of the computing dtype (`jnp.finfo(dtype).tiny`: `1.18e-38` in float32,
+        `2.23e-308` in float64). The distances are computed in forms that keep full
+        relative accuracy however small they get, so the time is accurate (float32 within
+        `1e-3` of float64, in practice about `1e-6`) and increasing as `eps` decreases, all
+        the way down to that value; below it `eps` itself has lost digits.
     - `y0`, `log_y0`: start as in `solve` (default uniform).
     - `support`, `temperature_first`: a face, as in `solve` (the formulas hold on it
         with `V -> |S|`).
@@ -300,9 +301,16 @@ def time_to(
 
     **Returns:**
 
-    Times of shape `(*batch,)`; `0` where the start is already within `eps`. The exact
-    time is the root of a monotone closed-form function, found by bisection inside the
-    bound; its gradient comes from the implicit function theorem.
+    Times of shape `(*batch,)`; `0` where the start is already within `eps` (always so
+    on a face of one token). The exact time is the root of the log of the distance, a
+    decreasing closed-form function, found by `optimistix.Bisection` between `0` and the
+    bound; its gradient (w.r.t. logits, temperature, start and `eps`) comes from the
+    implicit function theorem.
+
+    **Raises:**
+
+    `ValueError` now, or a run-time error naming the batch index under `jit` / `vmap`,
+    when `eps` is NaN, infinite, or below the smallest normal number of the dtype.
     """
     _need_constant(flow, "time_to")
     eps = jnp.asarray(eps)
@@ -314,11 +322,7 @@ def time_to(
         temperature_first=temperature_first,
         extra_batch_shapes=(eps.shape,),
     )
-    eps = eps.astype(rows.dtype)
-    if is_concrete(eps) and eps.size <= 4096:  # small: checking it now is cheap
-        e = as_numpy(eps)
-        if not np.all((e > 0) & np.isfinite(e)):
-            raise ValueError(f"`eps` must be finite and > 0; received {e}.")
+    eps = check_eps(eps, rows.dtype, rows.batch_shape)
     one = _time_to_bound_one if bound else _time_to_one
     return _vmap_rows(one, rows, eps)
 
@@ -326,90 +330,14 @@ def time_to(
 def _time_to_one(flow_row, log_p0_row, eps, bound=False):
     log_p0, scores, support = _constant_row(flow_row, log_p0_row)
     if isinstance(flow_row, Replicator):
-        return _time_to_replicator(flow_row, log_p0, scores, support, eps, bound)
-    return _time_to_entropic(flow_row, log_p0, scores, support, eps, bound)
+        time_to_row = replicator_time_to
+    else:
+        time_to_row = entropic_time_to
+    return time_to_row(flow_row.temperature, log_p0, scores, support, eps, bound=bound)
 
 
 def _time_to_bound_one(flow_row, log_p0_row, eps):
     return _time_to_one(flow_row, log_p0_row, eps, bound=True)
-
-
-def _masked_lse(x, mask):
-    x = jnp.where(mask, x, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(x))
-    m = jnp.where(jnp.isfinite(m), m, 0)
-    return m + jnp.log(jnp.sum(jnp.where(mask, jnp.exp(x - m), 0)))
-
-
-def _time_to_replicator(flow, log_p0, scores, support, eps, bound):
-    temperature = flow.temperature.astype(scores.dtype)
-    top = jnp.max(jnp.where(support, scores, -jnp.inf))
-    winners = support & (scores == top)
-    losers = support & ~winners
-    lp0 = jnp.where(support, log_p0, 0)
-    s = scores / temperature
-
-    def log_gap(t):  # log(1 - p_K(t))
-        theta = lp0 + t * s
-        return _masked_lse(theta, losers) - _masked_lse(theta, support)
-
-    log_loser0 = _masked_lse(lp0, losers)
-    log_winner0 = _masked_lse(lp0, winners)
-    second = jnp.max(jnp.where(losers, scores, -jnp.inf))
-    delta = jnp.where(jnp.any(losers), top - second, 1)
-    t_bound = (temperature / delta) * (log_loser0 - log_winner0 - jnp.log(eps))
-    t_bound = jnp.where(jnp.any(losers), jnp.maximum(t_bound, 0), 0)
-    if bound:
-        return t_bound
-    return _monotone_root(log_gap, jnp.log(eps), t_bound)
-
-
-def _time_to_entropic(flow, log_p0, scores, support, eps, bound):
-    temperature = flow.temperature.astype(scores.dtype)
-    lp0 = jnp.where(support, log_p0, 0)
-    s = jnp.where(support, scores / temperature, 0)
-    log_target = jnp.where(support, s - _masked_lse(s, support), -jnp.inf)
-    diff = jnp.where(support, lp0 - s, 0)
-    r = jnp.max(jnp.where(support, diff, -jnp.inf)) - jnp.min(
-        jnp.where(support, diff, jnp.inf)
-    )
-    r2 = jnp.maximum(r**2, jnp.finfo(scores.dtype).tiny)
-    t_bound = jnp.maximum(0.5 * jnp.log(r2 / (8 * eps)), 0)
-    if bound:
-        return t_bound
-
-    def log_kl(t):
-        theta = jnp.exp(-t) * lp0 + (-jnp.expm1(-t)) * s
-        log_p = jnp.where(support, theta - _masked_lse(theta, support), -jnp.inf)
-        return jnp.log(jnp.maximum(kl(log_p, log_target), jnp.finfo(s.dtype).tiny))
-
-    return _monotone_root(log_kl, jnp.log(eps), t_bound)
-
-
-def _monotone_root(g, level, hi):
-    """Smallest `t` in `[0, hi]` with `g(t) <= level` for a non-increasing `g`, and
-    `g(hi) <= level`. Bisection for the value; one Newton step (with the bracket held
-    constant) gives the implicit-function gradient `-∂g/∂θ / g'(t)`."""
-    hi = jax.lax.stop_gradient(hi)
-    level_c = jax.lax.stop_gradient(level)
-    g_c = lambda t: jax.lax.stop_gradient(g(t))  # noqa: E731
-
-    def body(_, bracket):
-        lo, up = bracket
-        mid = 0.5 * (lo + up)
-        below = g_c(mid) <= level_c
-        return jnp.where(below, lo, mid), jnp.where(below, mid, up)
-
-    zero = jnp.zeros_like(hi)
-    lo, up = jax.lax.fori_loop(0, _BISECTION_STEPS, body, (zero, hi))
-    t_star = jax.lax.stop_gradient(up)
-    already = g_c(zero) <= level_c
-    slope = jax.grad(g)(t_star)
-    safe_slope = jnp.where(slope < 0, slope, -1)
-    newton = t_star - (g(t_star) - level) / safe_slope
-    # Keep the bisection value and take only the gradient of the Newton step.
-    t = t_star + (newton - jax.lax.stop_gradient(newton))
-    return jnp.where(already, zero, t)
 
 
 __all__ = [
