@@ -313,14 +313,13 @@ def time_to(
     when `eps` is NaN, infinite, or below the smallest normal number of the dtype.
     """
     _need_constant(flow, "time_to")
-    eps = jnp.asarray(eps)
     rows = prepare_rows(
         flow,
         y0=y0,
         log_y0=log_y0,
         support=support,
         temperature_first=temperature_first,
-        extra_batch_shapes=(eps.shape,),
+        extra_batch_shapes=(jnp.shape(eps),),
     )
     eps = check_eps(eps, rows.dtype, rows.batch_shape)
     one = _time_to_bound_one if bound else _time_to_one

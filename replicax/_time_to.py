@@ -16,9 +16,10 @@ however small they are, which is what lets the root be found for any `eps` down 
     `x = a d`, the closed form is `p(t) = π e^x / (1 + m)`, `m = Σ π ψ(x)`,
     `ψ(x) = e^x - 1 - x`, and `KL = Σ π x expm1(x) / (1 + m) - log1p(m)`. Both sums are of
     non-negative terms, and the difference loses at most a factor of about two. Writing
-    `ψ(x) = x² q(x)` and `x expm1(x) = x² r(x)` takes the factor `a²` out of both sums, so
-    `log KL = -2t + log M + log B` is formed without ever storing `KL` (which would
-    underflow long before `eps` does). The rounding left in the centring of `d` changes
+    `ψ(x) = x² q(x)` and `x expm1(x) = x² r(x)` takes the factor `a²` out of both sums,
+    `M = Σ π d² q(x) = m/a²` and `A = Σ π d² r(x)`, so that
+    `log KL = -2t + log M + log((A/M)/(1 + m) - log1p(m)/m)` is formed without ever
+    storing `KL` (which would underflow long before `eps` does). The rounding left in the centring of `d` changes
     `KL` only at second order, because the formula is the exact KL for any centred `x`
     and its first-order sensitivity to a shift of `x` vanishes.
 
@@ -52,20 +53,22 @@ def check_eps(
     eps: Float[ArrayLike, "..."], dtype, batch_shape: tuple[int, ...]
 ) -> Float[Array, "..."]:
     """`eps` in `dtype`, refused when not finite or below `smallest_eps(dtype)`: now for
-    host values (and small concrete arrays), on device otherwise, naming the batch row."""
+    host values and small concrete device arrays, on device otherwise (naming the batch
+    row), so that no large device array waits to be copied to the host."""
     tiny = smallest_eps(dtype)
     need = (
         f"`eps` must be finite and > 0, and at least {tiny:.4g} (the smallest normal "
         f"{jnp.dtype(dtype).name}; `time_to` cannot resolve a smaller distance)"
     )
-    concrete = is_concrete(eps) and np.size(eps) <= 4096  # small: checking now is cheap
-    if concrete:
-        host = as_numpy(eps).astype(np.float64)
-        ok = np.isfinite(host) & (host >= tiny)
+    host = isinstance(eps, int | float | np.ndarray | np.number | list | tuple)
+    now = host or (is_concrete(eps) and np.size(eps) <= 4096)
+    if now:
+        values = as_numpy(np.asarray(eps) if host else eps).astype(np.float64)
+        ok = np.isfinite(values) & (values >= tiny)
         if not np.all(ok):
-            raise ValueError(f"{need}; received {host[~ok].reshape(-1)[0]}.")
+            raise ValueError(f"{need}; received {values[~ok].reshape(-1)[0]}.")
     eps = jnp.asarray(eps).astype(dtype)
-    if concrete:
+    if now:
         return eps
     eps = jnp.broadcast_to(eps, batch_shape)
     return error_if_rows(
@@ -233,7 +236,7 @@ def _log_q_and_r(x):
     xa = jnp.where(x > 1, x, 2)
     log_q_above = xa + jnp.log1p(-(1 + xa) * jnp.exp(-xa)) - 2 * jnp.log(xa)
     log_r_above = xa + jnp.log(-jnp.expm1(-xa)) - jnp.log(xa)
-    # x < -1: ψ(x) >= |x| - 1 + e^{-|x|} loses at most a factor of about two.
+    # x < -1: ψ(x) = |x| - (1 - e^{-|x|}) >= 0.36 |x|, little cancellation.
     xb = jnp.where(x < -1, x, -2)
     log_q_below = jnp.log(jnp.expm1(xb) - xb) - 2 * jnp.log(-xb)
     log_r_below = jnp.log(jnp.expm1(xb) / xb)

@@ -244,6 +244,11 @@ def test_refuses_unresolvable_eps_eagerly(dtype):
             rx.time_to(flow, bad)
     with pytest.raises(ValueError, match=r"smallest normal .*received -1"):
         rx.time_to(flow, np.array([1e-3, -1.0]))
+    # Host arrays are checked now whatever their size; so are small device arrays.
+    with pytest.raises(ValueError, match=r"smallest normal .*received 0"):
+        rx.time_to(flow, np.full(10_000, 0.0))
+    with pytest.raises(ValueError, match=r"smallest normal .*received nan"):
+        rx.time_to(flow, jnp.array([1e-3, jnp.nan], dtype))
 
 
 # The device check does not depend on the flow: one flow each for jit and vmap.
