@@ -292,8 +292,9 @@ def time_to(
         number of the computing dtype (`jnp.finfo(dtype).tiny`: `1.18e-38` in float32,
         `2.23e-308` in float64). The distances are computed in forms that keep full
         relative accuracy however small they get, so the time is accurate (float32 within
-        `1e-3` of float64, in practice about `1e-6`) and increasing as `eps` decreases, all
-        the way down to that value; below it `eps` itself has lost digits.
+        `1e-3` of float64; about `1e-6` for moderate `s/T`, more where rounding the
+        inputs to float32 already moves `log p₀ - s/T`) and increasing as `eps`
+        decreases, all the way down to that value; below it `eps` has lost digits.
     - `y0`, `log_y0`: start as in `solve` (default uniform).
     - `support`, `temperature_first`: a face, as in `solve` (the formulas hold on it
         with `V -> |S|`).
