@@ -152,20 +152,24 @@ def test_no_recompile_when_values_change(getkey):
     logits = random_logits(getkey(), (2, 8))
     y0 = random_simplex(getkey(), (2, 8))
     ts = jnp.linspace(0.0, 1.0, 4)
+    # Method objects with new float values (tolerances) must not recompile either.
+    methods = {
+        "exact": (rx.Exact(), rx.Exact()),
+        "ode": (rx.ODE(rtol=1e-6, atol=1e-6), rx.ODE(rtol=1e-8, atol=1e-9)),
+    }
     for method in METHODS:
+        first, second = methods[method]
         for flow_cls in FLOWS:
-            kwargs = dict(method=method, saveat=rx.SaveAt(ts=ts))
-            rx.solve(flow_cls(logits, 0.7), t1=1.0, y0=y0, rtol=1e-6, atol=1e-6, **kwargs)
+            kwargs = dict(method=first, saveat=rx.SaveAt(ts=ts))
+            rx.solve(flow_cls(logits, 0.7), t1=1.0, y0=y0, **kwargs)
             before = eqx.debug.get_num_traces(_solve._solve_rows)
-            rx.solve(flow_cls(logits, 0.9), t1=1.0, y0=y0, rtol=1e-6, atol=1e-6, **kwargs)
-            rx.solve(flow_cls(logits, 0.9), t1=2.5, y0=y0, rtol=1e-6, atol=1e-6, **kwargs)
+            rx.solve(flow_cls(logits, 0.9), t1=1.0, y0=y0, **kwargs)
+            rx.solve(flow_cls(logits, 0.9), t1=2.5, y0=y0, **kwargs)
             rx.solve(
                 flow_cls(2 * logits, 1.3),
                 t1=2.5,
                 y0=y0[::-1],
-                rtol=1e-8,
-                atol=1e-9,
-                method=method,
+                method=second,
                 saveat=rx.SaveAt(ts=ts * 2),
             )
             assert eqx.debug.get_num_traces(_solve._solve_rows) == before
