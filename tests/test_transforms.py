@@ -25,10 +25,8 @@ def _loss(flow_cls, method, temperature=0.8, t1=1.5):
         sol = rx.solve(
             flow_cls(logits, temperature),
             t1=t1,
-            method=method,
+            method=rx.Exact() if method == "exact" else rx.ODE(rtol=1e-11, atol=1e-11),
             saveat=rx.SaveAt(ts=jnp.array([0.5, 1.0, t1])),
-            rtol=1e-11,
-            atol=1e-11,
         )
         weights = jnp.arange(sol.log_p.shape[-1], dtype=sol.log_p.dtype)
         weights = jnp.broadcast_to(weights, sol.log_p.shape)
