@@ -7,8 +7,6 @@ Every function here is written for one context and mapped over the batch; a swee
 temperatures or score parameters is one batch (one `solve`, one compile), not a loop.
 """
 
-from typing import Literal
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -39,7 +37,7 @@ def curl(
     aux: PyTree = None,
     *,
     t: RealScalarLike = 0.0,
-    method: Literal["auto", "exact", "estimate"] = "auto",
+    method: str = "auto",
     key: PRNGKeyArray | None = None,
     num_probes: int = 32,
 ) -> Float[Array, "*batch"]:
@@ -128,6 +126,7 @@ def _aux_rows(aux, rows):
 
 
 @eqx.filter_jit
+@eqx.debug.assert_max_traces(max_traces=None)
 def _curl_rows(rows, t, aux, keys, method, num_probes):
     row = rows.flat()
 
@@ -306,6 +305,7 @@ def detect_cycle(
 
 
 @eqx.filter_jit
+@eqx.debug.assert_max_traces(max_traces=None)
 def _detect_cycle(ts, log_p, size, min_periods, atol, amplitude_rtol, period_rtol):
     batch = log_p.shape[:-2]
     vocab = log_p.shape[-1]
@@ -335,7 +335,8 @@ def _detect_cycle(ts, log_p, size, min_periods, atol, amplitude_rtol, period_rto
         when = crossing[index]
         last = when[jnp.maximum(count - 1, 0)]
         laps = count - 1
-        period = jnp.where(laps >= 1, (last - when[0]) / jnp.maximum(laps, 1), jnp.nan)
+        span = (last - when[0]) / jnp.maximum(laps, 1).astype(times.dtype)
+        period = jnp.where(laps >= 1, span, jnp.nan)
         spans = when[1:] - when[:-1]
         valid = jnp.arange(size - 2) < laps
         spread = jnp.max(jnp.where(valid, spans, -jnp.inf)) - jnp.min(
@@ -416,8 +417,9 @@ def basins(
     """
     if not isinstance(last, int | float) or not 0 < last < 1:
         raise ValueError(f"`last` must be a number in (0, 1); received {last!r}.")
-    t0 = jnp.asarray(t0)
-    t1 = jnp.asarray(t1)
+    # Integer times would make `t_mid` an integer: compute in the default float dtype.
+    t0 = jnp.asarray(t0, jnp.result_type(float))
+    t1 = jnp.asarray(t1, jnp.result_type(float))
     t_mid = t1 - last * (t1 - t0)
     sol = solve(
         flow,
