@@ -417,6 +417,8 @@ def basins(
     """
     if not isinstance(last, int | float) or not 0 < last < 1:
         raise ValueError(f"`last` must be a number in (0, 1); received {last!r}.")
+    atol = as_scalar(atol, "atol", jnp.result_type(float))
+    atol = check_scalar(atol, "atol", positive=True, allow_zero=True)
     # Integer times would make `t_mid` an integer: compute in the default float dtype.
     t0 = jnp.asarray(t0, jnp.result_type(float))
     t1 = jnp.asarray(t1, jnp.result_type(float))
@@ -431,8 +433,7 @@ def basins(
         support=support,
         method=method,
     )
-    atol = as_scalar(atol, "atol", sol.log_p.dtype)
-    atol = check_scalar(atol, "atol", positive=True, allow_zero=True)
+    atol = atol.astype(sol.log_p.dtype)
     return _basins_out(sol.log_p, sol.result, atol)
 
 
