@@ -21,7 +21,6 @@ from ._saveat import SaveAt
 from ._solution import RESULTS, Trajectory
 from ._solve import solve
 
-
 # Above this vocabulary size `curl(method="auto")` estimates instead of forming the
 # V x V Jacobian (V jvps; 1024² float64 entries are 8 MB per context).
 _EXACT_MAX_VOCAB = 1024
@@ -90,7 +89,11 @@ def curl(
         raise ValueError(
             f"`method` must be 'auto', 'exact' or 'estimate'; received {method!r}."
         )
-    if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < 1:
+    if (
+        not isinstance(num_probes, int)
+        or isinstance(num_probes, bool)
+        or num_probes < 1
+    ):
         raise ValueError(f"`num_probes` must be an int >= 1; received {num_probes!r}.")
     rows = prepare_rows(flow, log_y0=log_p)
     if method == "auto":
@@ -286,8 +289,14 @@ def detect_cycle(
         )
     if not isinstance(window, int | float) or not 0 < window <= 1:
         raise ValueError(f"`window` must be a number in (0, 1]; received {window!r}.")
-    if not isinstance(min_periods, int) or isinstance(min_periods, bool) or min_periods < 1:
-        raise ValueError(f"`min_periods` must be an int >= 1; received {min_periods!r}.")
+    if (
+        not isinstance(min_periods, int)
+        or isinstance(min_periods, bool)
+        or min_periods < 1
+    ):
+        raise ValueError(
+            f"`min_periods` must be an int >= 1; received {min_periods!r}."
+        )
     num_times = sol.ts.shape[0]
     size = int(round(window * num_times))
     if size < 16:
@@ -297,7 +306,11 @@ def detect_cycle(
         )
     dtype = sol.log_p.dtype
     tols = []
-    named = ((atol, "atol"), (amplitude_rtol, "amplitude_rtol"), (period_rtol, "period_rtol"))
+    named = (
+        (atol, "atol"),
+        (amplitude_rtol, "amplitude_rtol"),
+        (period_rtol, "period_rtol"),
+    )
     for value, name in named:
         value = as_scalar(value, name, dtype)
         tols.append(check_scalar(value, name, positive=True, allow_zero=True))

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import replicax as rx
 from jaxtyping import Array, Float
+
+import replicax as rx
 from replicax import _analysis, _solve
 
 
