@@ -32,14 +32,14 @@ _EXACT_MAX_VOCAB = 1024
 
 def curl(
     flow: AbstractFlow,
-    log_p: Float[ArrayLike, "*batch vocab"],
+    log_p: Float[ArrayLike, "*p_batch vocab"],
     aux: PyTree = None,
     *,
     t: RealScalarLike = 0.0,
     method: str = "auto",
     key: PRNGKeyArray | None = None,
     num_probes: int = 32,
-) -> Float[Array, "*batch"]:
+) -> Float[Array, "*out_batch"]:
     """How far the field of `flow` is from a gradient field at the state `log_p`
     (THEORY §4, "Conservative or not").
 
@@ -61,6 +61,7 @@ def curl(
 
     - `flow`: a flow; only its score matters.
     - `log_p`: the state, shape `(*batch, vocab)` (normalised; `-inf` off the face).
+        Its batch broadcasts against the flow's per-row parameters.
     - `aux`: the score's history at that state, a PyTree whose leaves have leading shape
         `batch` (or any shape for a single context); `None`: the score's initial history
         `score.init_aux(log_p)`.
@@ -77,7 +78,7 @@ def curl(
 
     **Returns:**
 
-    The curl of each context, shape `batch`.
+    The curl of each context, shape `batch` (that of `log_p` and the flow together).
 
     **Raises:**
 
