@@ -244,7 +244,10 @@ def detect_cycle(
     widely, is seen at its true size), and splits it into two halves:
 
     1. **converged** if every `log p_i` stays within `atol` of its midpoint over the
-        second half;
+        second half. A path that tends to the boundary (lock-in under (R), where the
+        losing `log p_i` fall without bound) has not converged in this sense, however
+        still `p` looks: use `basins` for lock-in. This is what keeps a long dwell near
+        a vertex on a cycle from passing for a rest point;
     2. the **amplitude ratio** is the largest half-range of `log p` over the second half
         over that of the first: a spiral into a rest point decays (ratio well below 1),
         however slowly it turns;
