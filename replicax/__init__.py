@@ -3,6 +3,14 @@
 import importlib.metadata
 
 from . import datasets as datasets
+from ._analysis import (
+    basins as basins,
+    Basins as Basins,
+    curl as curl,
+    Cycles as Cycles,
+    detect_cycle as detect_cycle,
+    rps_product as rps_product,
+)
 from ._discrete import (
     discrete_map as discrete_map,
     entropic_mirror_map as entropic_mirror_map,
