@@ -3,6 +3,9 @@
 import importlib.metadata
 
 from . import datasets as datasets
+from ._conserved import (
+    frequency_penalty_hamiltonian as frequency_penalty_hamiltonian,
+)
 from ._discrete import (
     discrete_map as discrete_map,
     entropic_mirror_map as entropic_mirror_map,
@@ -39,9 +42,14 @@ from ._observables import (
 )
 from ._saveat import SaveAt as SaveAt
 from ._scores import (
+    AbstractMemoryScore as AbstractMemoryScore,
     AbstractScore as AbstractScore,
     FrequencyPenalty as FrequencyPenalty,
     Logits as Logits,
+    LowRankPayoff as LowRankPayoff,
+    Payoff as Payoff,
+    PresencePenalty as PresencePenalty,
+    RepetitionPenalty as RepetitionPenalty,
     ScoreSum as ScoreSum,
     SelfReinforcement as SelfReinforcement,
 )
