@@ -10,9 +10,9 @@ from ._misc import compute_dtype
 def frequency_penalty_hamiltonian(
     log_p: Float[ArrayLike, "*batch vocab"],
     counts: Float[ArrayLike, "*batch vocab"],
-    logits: Float[ArrayLike, "*batch vocab"],
-    temperature: Float[ArrayLike, "*batch"],
-    alpha: Float[ArrayLike, "*batch"],
+    logits: Float[ArrayLike, "*logits_batch vocab"],
+    temperature: Float[ArrayLike, "*temperature_batch"],
+    alpha: Float[ArrayLike, "*alpha_batch"],
 ) -> Float[Array, "*batch"]:
     """The energy conserved by the replicator (R) with a cumulative frequency penalty.
 
@@ -48,8 +48,12 @@ def frequency_penalty_hamiltonian(
     log_p = log_p.astype(dtype)
     counts = jnp.asarray(counts, dtype)
     logits = jnp.asarray(logits, dtype)
-    temperature = jnp.asarray(temperature, dtype)[..., None]
-    alpha = jnp.asarray(alpha, dtype)[..., None]
+    batch = jnp.broadcast_shapes(log_p.shape, counts.shape, logits.shape)[:-1]
+    log_p, counts, logits = (
+        jnp.broadcast_to(x, batch + x.shape[-1:]) for x in (log_p, counts, logits)
+    )
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, dtype), batch)[..., None]
+    alpha = jnp.broadcast_to(jnp.asarray(alpha, dtype), batch)[..., None]
     alive = log_p > -jnp.inf
     log_p = jax.nn.log_softmax(jnp.where(alive, log_p, -jnp.inf), axis=-1)
     n = jnp.sum(alive, axis=-1, keepdims=True).astype(dtype)

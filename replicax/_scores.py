@@ -223,9 +223,10 @@ class Payoff(AbstractScore):
 
     row_fields: ClassVar[dict[str, int]] = {"A": 2}
     vocab_field: ClassVar[str | None] = "A"
-    A: Float[Array, "*batch vocab vocab"]
+    A: Float[Array, "*a_batch vocab vocab"]
 
-    def __init__(self, A: Float[ArrayLike, "*batch vocab vocab"]):
+    # `_vocab`: the square shape is checked by `__init__`, with its own message.
+    def __init__(self, A: Float[ArrayLike, "*a_batch vocab _vocab"]):
         shape = np.shape(A)
         if len(shape) < 2 or shape[-1] != shape[-2]:
             raise ValueError(
@@ -263,13 +264,14 @@ class LowRankPayoff(AbstractScore):
 
     row_fields: ClassVar[dict[str, int]] = {"U": 2, "W": 2}
     vocab_field: ClassVar[str | None] = "U"
-    U: Float[Array, "*batch vocab rank"]
-    W: Float[Array, "*batch vocab rank"]
+    U: Float[Array, "*u_batch vocab rank"]
+    W: Float[Array, "*w_batch vocab rank"]
 
+    # `_vocab`, `_rank`: matching shapes are checked by `__init__`, with its own message.
     def __init__(
         self,
-        U: Float[ArrayLike, "*batch vocab rank"],
-        W: Float[ArrayLike, "*batch vocab rank"],
+        U: Float[ArrayLike, "*u_batch vocab rank"],
+        W: Float[ArrayLike, "*w_batch _vocab _rank"],
     ):
         for name, x in (("U", U), ("W", W)):
             if np.ndim(x) < 2:
@@ -316,8 +318,8 @@ class AbstractMemoryScore(AbstractScore):
     score with `score_of_memory`.
     """
 
-    tau: Float[Array, "*batch"] | None
-    memory0: Float[Array, "*batch vocab"] | None
+    tau: Float[Array, "*tau_batch"] | None
+    memory0: Float[Array, "*memory_batch vocab"] | None
     stages: int = eqx.field(static=True)
 
     @abc.abstractmethod
@@ -431,14 +433,14 @@ class FrequencyPenalty(AbstractMemoryScore):
 
     row_fields: ClassVar[dict[str, int]] = {"alpha": 0, "tau": 0, "memory0": 1}
     vocab_field: ClassVar[str | None] = "memory0"
-    alpha: Float[Array, "*batch"]
+    alpha: Float[Array, "*alpha_batch"]
 
     def __init__(
         self,
-        alpha: Float[ArrayLike, "*batch"],
-        tau: Float[ArrayLike, "*batch"] | None = None,
+        alpha: Float[ArrayLike, "*alpha_batch"],
+        tau: Float[ArrayLike, "*tau_batch"] | None = None,
         stages: int = 1,
-        memory0: Float[ArrayLike, "*batch vocab"] | None = None,
+        memory0: Float[ArrayLike, "*memory_batch vocab"] | None = None,
     ):
         check_host_interval(alpha, "alpha", 0, np.inf, False, True)
         self.alpha = jnp.asarray(alpha)
@@ -483,16 +485,16 @@ class PresencePenalty(AbstractMemoryScore):
         "memory0": 1,
     }
     vocab_field: ClassVar[str | None] = "memory0"
-    alpha: Float[Array, "*batch"]
-    sharpness: Float[Array, "*batch"]
+    alpha: Float[Array, "*alpha_batch"]
+    sharpness: Float[Array, "*sharpness_batch"]
 
     def __init__(
         self,
-        alpha: Float[ArrayLike, "*batch"],
-        sharpness: Float[ArrayLike, "*batch"],
-        tau: Float[ArrayLike, "*batch"] | None = None,
+        alpha: Float[ArrayLike, "*alpha_batch"],
+        sharpness: Float[ArrayLike, "*sharpness_batch"],
+        tau: Float[ArrayLike, "*tau_batch"] | None = None,
         stages: int = 1,
-        memory0: Float[ArrayLike, "*batch vocab"] | None = None,
+        memory0: Float[ArrayLike, "*memory_batch vocab"] | None = None,
     ):
         check_host_interval(alpha, "alpha", 0, np.inf, False, True)
         check_host_interval(sharpness, "sharpness", 0, np.inf, True, True)
@@ -543,19 +545,19 @@ class RepetitionPenalty(AbstractMemoryScore):
         "memory0": 1,
     }
     vocab_field: ClassVar[str | None] = "logits"
-    penalty: Float[Array, "*batch"]
-    sharpness: Float[Array, "*batch"]
-    logits: Float[Array, "*batch vocab"]
+    penalty: Float[Array, "*penalty_batch"]
+    sharpness: Float[Array, "*sharpness_batch"]
+    logits: Float[Array, "*logits_batch vocab"]
 
     def __init__(
         self,
-        penalty: Float[ArrayLike, "*batch"],
-        sharpness: Float[ArrayLike, "*batch"],
-        tau: Float[ArrayLike, "*batch"] | None = None,
+        penalty: Float[ArrayLike, "*penalty_batch"],
+        sharpness: Float[ArrayLike, "*sharpness_batch"],
+        tau: Float[ArrayLike, "*tau_batch"] | None = None,
         stages: int = 1,
-        memory0: Float[ArrayLike, "*batch vocab"] | None = None,
+        memory0: Float[ArrayLike, "*memory_batch vocab"] | None = None,
         *,
-        logits: Float[ArrayLike, "*batch vocab"],
+        logits: Float[ArrayLike, "*logits_batch vocab"],
     ):
         check_host_interval(penalty, "penalty", 0, np.inf, True, True)
         check_host_interval(sharpness, "sharpness", 0, np.inf, True, True)
