@@ -11,6 +11,9 @@ from ._analysis import (
     detect_cycle as detect_cycle,
     rps_product as rps_product,
 )
+from ._conserved import (
+    frequency_penalty_hamiltonian as frequency_penalty_hamiltonian,
+)
 from ._discrete import (
     discrete_map as discrete_map,
     entropic_mirror_map as entropic_mirror_map,
@@ -47,9 +50,14 @@ from ._observables import (
 )
 from ._saveat import SaveAt as SaveAt
 from ._scores import (
+    AbstractMemoryScore as AbstractMemoryScore,
     AbstractScore as AbstractScore,
     FrequencyPenalty as FrequencyPenalty,
     Logits as Logits,
+    LowRankPayoff as LowRankPayoff,
+    Payoff as Payoff,
+    PresencePenalty as PresencePenalty,
+    RepetitionPenalty as RepetitionPenalty,
     ScoreSum as ScoreSum,
     SelfReinforcement as SelfReinforcement,
 )

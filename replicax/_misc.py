@@ -129,7 +129,9 @@ def check_interval(value, name, low, high, low_open, high_open, *, attach_to=Non
 
 def fields_batch_shape(module, row_fields: dict[str, int], what: str) -> tuple[int, ...]:
     """The batch shape of `module`'s per-row fields: each field `name` with `core` trailing
-    axes (`0` for a scalar per row, `1` for a vector over the vocabulary)."""
+    axes (`0` for a scalar per row, `1` for a vector over the vocabulary). A field that is
+    `None` (an option not given) has no rows."""
+    row_fields = present_fields(module, row_fields)
     shapes = []
     for name, core in row_fields.items():
         shape = jnp.shape(getattr(module, name))
@@ -146,6 +148,7 @@ def fields_batch_shape(module, row_fields: dict[str, int], what: str) -> tuple[i
 
 def broadcast_fields(module, row_fields: dict[str, int], batch_shape, what: str):
     """`module` with every per-row field given the leading shape `batch_shape`."""
+    row_fields = present_fields(module, row_fields)
     if not row_fields:
         return module
     values = []
@@ -164,3 +167,8 @@ def broadcast_fields(module, row_fields: dict[str, int], batch_shape, what: str)
     return eqx.tree_at(
         lambda m: tuple(getattr(m, n) for n in row_fields), module, tuple(values)
     )
+
+
+def present_fields(module, row_fields: dict[str, int]) -> dict[str, int]:
+    """The per-row fields of `module` that are not `None`."""
+    return {n: c for n, c in row_fields.items() if getattr(module, n) is not None}
