@@ -5,33 +5,14 @@ sweep (per-row parameters, one compile). Sizes are small (V <= 3 for dynamics) a
 horizons short enough for the whole file to run in well under a minute on a CPU.
 """
 
-from typing import ClassVar
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxtyping import Array, Float
 
 import replicax as rx
 from replicax import _analysis, _solve
-
-
-class _Payoff(rx.AbstractScore):
-    """`z = A p`: a payoff matrix, one per row allowed. A stand-in for the library's own
-    payoff term (being added elsewhere); used here only to make state-dependent fields."""
-
-    row_fields: ClassVar[dict[str, int]] = {"A": 2}
-    A: Float[Array, "*batch vocab vocab"]
-
-    def __call__(self, t, log_p, aux):
-        del t, aux
-        return self.A.astype(log_p.dtype) @ jnp.exp(log_p)
-
-    @property
-    def vocab_size(self):
-        return self.A.shape[-1]
 
 
 def _rps(l, w):
@@ -64,7 +45,7 @@ def test_hopf_temperature_and_period_from_one_sweep():
             A.append(_rps(l, w))
             T.append(f * Tc)
             onset_period.append(2 * np.pi * Tc / omega)
-    flow = rx.EntropicReplicator(_Payoff(jnp.asarray(np.stack(A))), jnp.asarray(T))
+    flow = rx.EntropicReplicator(rx.Payoff(jnp.asarray(np.stack(A))), jnp.asarray(T))
     # Away from the centre, so that the cycle is reached from outside within the
     # first half (transverse rate ~0.1) and the spiral decays visibly in the second.
     y0 = jnp.array([0.5, 0.3, 0.2])
@@ -103,7 +84,7 @@ def test_detect_cycle_replicator_rps_orbits():
     # long period), w > l a slow spiral into the centre, w < l a heteroclinic cycle
     # whose passes lengthen.
     A = jnp.asarray(np.stack([_rps(1.0, 1.0), _rps(1.0, 1.05), _rps(1.0, 0.9)]))
-    flow = rx.Replicator(_Payoff(A), 1.0)
+    flow = rx.Replicator(rx.Payoff(A), 1.0)
     y0 = jnp.array([[0.9998, 1e-4, 1e-4], [0.6, 0.25, 0.15], [0.6, 0.25, 0.15]])
     ts = jnp.linspace(0.0, 400.0, 4001)
     sol = rx.solve(
@@ -239,7 +220,7 @@ def test_curl_zero_for_gradient_fields(getkey):
     log_p = jax.nn.log_softmax(jax.random.normal(getkey(), (4, V)))
     # Logits and self-reinforcement (Dz = βI) are gradient terms too. One flow suffices:
     # the curl depends on the score only.
-    score = rx.Logits(ones) + _Payoff(A) + rx.SelfReinforcement(2.0)
+    score = rx.Logits(ones) + rx.Payoff(A) + rx.SelfReinforcement(2.0)
     value = rx.curl(rx.EntropicReplicator(score, 0.7), log_p)
     assert value.shape == (4,)
     assert np.all(np.asarray(value) <= CURL_ATOL)
@@ -247,7 +228,7 @@ def test_curl_zero_for_gradient_fields(getkey):
     K = jax.random.normal(getkey(), (V, V))
     bent = rx.curl(
         rx.EntropicReplicator(
-            rx.Logits(ones) + _Payoff(A + K - K.T) + rx.SelfReinforcement(2.0), 0.7
+            rx.Logits(ones) + rx.Payoff(A + K - K.T) + rx.SelfReinforcement(2.0), 0.7
         ),
         log_p,
     )
@@ -262,7 +243,7 @@ def test_curl_matches_the_antisymmetric_part(getkey):
     V = 512
     A = jax.random.normal(getkey(), (2, V, V))  # one payoff per row
     log_p = jax.nn.log_softmax(jax.random.normal(getkey(), (2, V)))
-    flow = rx.Replicator(_Payoff(A), 1.0)
+    flow = rx.Replicator(rx.Payoff(A), 1.0)
     exact = rx.curl(flow, log_p, method="exact")
     expected = [_relative_antisymmetric(np.asarray(a)) for a in A]
     np.testing.assert_allclose(exact, expected, rtol=EXACT_RTOL)
@@ -276,7 +257,7 @@ def test_curl_on_a_face_and_with_history():
     A = np.stack([_rps(1.0, 1.0), _rps(1.0, 0.5)])
     A = jnp.asarray(np.pad(A, ((0, 0), (0, 1), (0, 1)), constant_values=3.0))
     log_p = jnp.log(jnp.array([0.2, 0.3, 0.5, 0.0]))
-    value = rx.curl(rx.Replicator(_Payoff(A), 1.0), log_p)
+    value = rx.curl(rx.Replicator(rx.Payoff(A), 1.0), log_p)
     expected = [1.0, _relative_antisymmetric(_rps(1.0, 0.5))]
     np.testing.assert_allclose(value, expected, rtol=1e-12)
     # A history-only score (cumulative counts) has Dz = 0 in p: curl 0, with `aux`.
@@ -287,7 +268,7 @@ def test_curl_on_a_face_and_with_history():
 
 
 def test_curl_errors_and_no_recompile(getkey):
-    flow = rx.Replicator(_Payoff(jnp.asarray(_rps(1.0, 0.5))), 1.0)
+    flow = rx.Replicator(rx.Payoff(jnp.asarray(_rps(1.0, 0.5))), 1.0)
     log_p = jnp.log(jnp.array([0.25, 0.25, 0.5]))
     with pytest.raises(ValueError, match="`method`"):
         rx.curl(flow, log_p, method="hutchinson")
@@ -299,6 +280,6 @@ def test_curl_errors_and_no_recompile(getkey):
         rx.curl(flow, jnp.stack([log_p, log_p]), jnp.zeros((3, 3)))
     rx.curl(flow, log_p)
     before = _traces(_analysis._curl_rows)
-    flow2 = rx.Replicator(_Payoff(jnp.asarray(_rps(2.0, 0.1))), 0.5)
+    flow2 = rx.Replicator(rx.Payoff(jnp.asarray(_rps(2.0, 0.1))), 0.5)
     rx.curl(flow2, jnp.log(jnp.array([0.2, 0.3, 0.5])), t=1.0)
     assert _traces(_analysis._curl_rows) == before
