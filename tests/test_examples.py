@@ -137,7 +137,141 @@ def check_faces(stdout):
             assert np.all(gaps[ts >= 2] > 1e-3)
 
 
-CHECKERS = {"quickstart.py": check_quickstart, "faces.py": check_faces}
+def _verdict(line):
+    m = re.search(
+        r"(cycle|rest|decaying|growing)  period +(\S+)  amplitude (\S+)  "
+        r"amplitude ratio (\S+)$",
+        line,
+    )
+    assert m, line
+    return m.group(1), *(float(x) for x in m.groups()[1:])
+
+
+def _line(stdout, pattern):
+    m = re.search(pattern, stdout, re.MULTILINE)
+    assert m, f"no line matching {pattern!r} in:\n{stdout}"
+    return m
+
+
+def check_loops(stdout):
+    # Every expected figure is recomputed here from the parameters the example prints.
+    # The Hopf period: the acceptance tolerance (the cycle at 0.95 T_c is past onset).
+    PERIOD_RTOL = 0.05
+    THRESHOLD_RTOL = 0.03  # the acceptance tolerance on alpha_c
+    ENERGY_RTOL = 1e-6  # relative drift of the Hamiltonian under (R), float64
+    GAP_ATOL = 1e-6  # (E) count gaps at t = 300, decayed like e^{-t}
+
+    # 1. Rock-paper-scissors under (E): T_c = (l - w)/6, onset period 2π T_c / ω₀.
+    m = _line(
+        stdout,
+        r"^1\. rock-paper-scissors \(l=(\S+), w=(\S+)\) under \(E\): "
+        r"T_c = (\S+), onset period .* = (\S+)$",
+    )
+    l, w, T_c, onset = (float(x) for x in m.groups())
+    assert T_c == pytest.approx((l - w) / 6, rel=1e-6)
+    expected_onset = 2 * np.pi * (l - w) / 6 / ((l + w) * np.sqrt(3) / 6)
+    assert onset == pytest.approx(expected_onset, rel=1e-6)
+    above = _verdict(_line(stdout, r"^  T = 1\.05 T_c: .*$").group(0))
+    below = _verdict(_line(stdout, r"^  T = 0\.95 T_c: .*$").group(0))
+    assert above[0] == "decaying" and above[3] < 0.5  # a spiral into the centre
+    assert below[0] == "cycle" and below[2] > 0.05  # a limit cycle of finite size
+    assert below[1] == pytest.approx(expected_onset, rel=PERIOD_RTOL)
+
+    # 2. Fading two-stage memory under (R): alpha_c = 2 V T / tau, period 2π tau.
+    m = _line(
+        stdout,
+        r"^2\. fading two-stage .*\(V=(\d+), T=(\S+), tau=(\S+)\): "
+        r"alpha_c = (\S+), onset period 2π tau = (\S+)$",
+    )
+    V, T, tau, alpha_c, onset = (float(x) for x in m.groups())
+    assert alpha_c == pytest.approx(2 * V * T / tau, rel=1e-6)
+    assert onset == pytest.approx(2 * np.pi * tau, rel=1e-6)
+    rows = re.findall(r"^  alpha = (\S+) alpha_c: (.*)$", stdout, re.MULTILINE)
+    assert len(rows) >= 2, stdout
+    for factor, rest in rows:
+        kind, period, _, _ = _verdict(rest)
+        assert kind == ("decaying" if float(factor) < 1 else "growing"), rest
+        if 1 < float(factor) <= 1.05:  # just past onset
+            assert period == pytest.approx(2 * np.pi * tau, rel=PERIOD_RTOL)
+    m = _line(stdout, r"^  measured alpha_c: (\S+) \(theory (\S+),")
+    assert float(m.group(2)) == pytest.approx(2 * V * T / tau, rel=1e-6)
+    assert float(m.group(1)) == pytest.approx(2 * V * T / tau, rel=THRESHOLD_RTOL)
+
+    # 3. Cumulative counts: conserved energy and undamped loops under (R); damping to
+    # count gaps (s_i - s_j)/alpha under (E).
+    m = _line(
+        stdout,
+        r"^3\. cumulative frequency penalty \(alpha=(\S+), T=(\S+), "
+        r"s=\[([^\]]*)\]\)$",
+    )
+    alpha, s = float(m.group(1)), _floats(m.group(3))
+    kind, _, amplitude, ratio = _verdict(
+        _line(stdout, r"^  \(R\): +\w+  period.*$").group(0)
+    )
+    assert kind != "rest" and amplitude > 0.1 and ratio == pytest.approx(1, abs=0.05)
+    drift = float(_line(stdout, r"^  \(R\): energy relative drift .*: (\S+)$").group(1))
+    assert drift <= ENERGY_RTOL
+    kind, _, _, _ = _verdict(_line(stdout, r"^  \(E\): +\w+  period.*$").group(0))
+    assert kind == "rest"
+    m = _line(stdout, r"^  \(E\): energy (\S+) -> (\S+)$")
+    assert float(m.group(2)) < float(m.group(1))
+    m = _line(stdout, r"^  \(E\): count gaps .*: (\S+) (\S+)  theory .*: (\S+) (\S+)$")
+    gaps, theory = _floats(" ".join(m.groups()[:2])), _floats(" ".join(m.groups()[2:]))
+    expected = (s[0] - s[1:]) / alpha
+    np.testing.assert_allclose(theory, expected, atol=1e-6)
+    np.testing.assert_allclose(gaps, expected, atol=GAP_ATOL)
+    assert re.search(r"^wrote loops\.png$", stdout, re.MULTILINE)
+
+
+def check_lock_in(stdout):
+    # The saddle and the folds are recomputed here from the printed parameters.
+    SADDLE_ATOL = 1e-3  # the acceptance tolerance; the fine grid resolves 3.5e-5
+    FOLD_ATOL = 1e-3  # the acceptance tolerance; the fine grid resolves 1.9e-5
+
+    # 1. (R): the measured separatrix is x* = (1 + δ/β)/2.
+    m = _line(stdout, r"^1\. \(R\), beta=(\S+), T=(\S+): separatrix")
+    beta = float(m.group(1))
+    m = _line(stdout, r"^  (\d+) starts in two batches; settled: (\d+)$")
+    assert m.group(1) == m.group(2)  # every start of (R) came to rest
+    rows = re.findall(
+        r"^ +(\S+) +(\S+) +(\S+) +(\S+) +(\S+)  (one switch|NOT ONE SWITCH)$",
+        stdout,
+        re.MULTILINE,
+    )
+    assert len(rows) == 3, stdout
+    for delta, measured, x_star, _, _, once in rows:
+        expected = (1 + float(delta) / beta) / 2
+        assert float(x_star) == pytest.approx(expected, abs=1e-6)
+        assert once == "one switch"
+        assert abs(float(measured) - expected) <= SADDLE_ATOL
+
+    # 2. (E): the folds at ±δ_fold, δ_fold = β u_f - 2T artanh(u_f), u_f = √(1 - 2T/β).
+    m = _line(stdout, r"^2\. \(E\), beta=(\S+), T=(\S+) \(bistable")
+    beta, T = float(m.group(1)), float(m.group(2))
+    assert beta > 2 * T
+    u_f = np.sqrt(1 - 2 * T / beta)
+    delta_fold = beta * u_f - 2 * T * np.arctanh(u_f)
+    m = _line(stdout, r"^  fold delta_fold theory: (\S+)$")
+    assert float(m.group(1)) == pytest.approx(delta_fold, abs=1e-6)
+    m = _line(stdout, r"^  up the sweep .*kept up to (\S+), error \S+, grid step \S+$")
+    assert abs(float(m.group(1)) - delta_fold) <= FOLD_ATOL
+    m = _line(
+        stdout, r"^  down the sweep .*kept down to (\S+), error \S+, grid step \S+$"
+    )
+    assert abs(float(m.group(1)) + delta_fold) <= FOLD_ATOL
+    # Hysteresis on the coarse map (δ step 0.02): the window between the folds.
+    m = _line(stdout, r"^  hysteresis: .*delta in \[(\S+), (\S+)\]$")
+    assert float(m.group(1)) == pytest.approx(-delta_fold, abs=0.02)
+    assert float(m.group(2)) == pytest.approx(delta_fold, abs=0.02)
+    assert re.search(r"^wrote lock_in\.png$", stdout, re.MULTILINE)
+
+
+CHECKERS = {
+    "quickstart.py": check_quickstart,
+    "faces.py": check_faces,
+    "loops.py": check_loops,
+    "lock_in.py": check_lock_in,
+}
 
 
 def test_examples_exist():
