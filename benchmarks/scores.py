@@ -70,37 +70,69 @@ def _memory_case(case: str, vocab: int, batch: int, rank: int, t1: float) -> Non
         jax.block_until_ready(sol.log_p)
         steps = int(sol.stats["num_steps"].max())
     seconds = time.perf_counter() - start
-    print(json.dumps({"case": case, "peak_mib": _peak_rss_mib(), "steps": steps,
-                      "seconds": seconds}))
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "peak_mib": _peak_rss_mib(),
+                "steps": steps,
+                "seconds": seconds,
+            }
+        )
+    )
 
 
 def part_a(args) -> dict:
     results = {}
     for case in ("baseline", "logits", "lowrank"):
-        cmd = [sys.executable, __file__, "--memory-case", case, "--vocab-a",
-               str(args.vocab_a), "--batch-a", str(args.batch_a), "--rank",
-               str(args.rank), "--t1-a", str(args.t1_a)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-case",
+            case,
+            "--vocab-a",
+            str(args.vocab_a),
+            "--batch-a",
+            str(args.batch_a),
+            "--rank",
+            str(args.rank),
+            "--t1-a",
+            str(args.t1_a),
+        ]
+        out = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
         results[case] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results["baseline"]["peak_mib"]
     logits = results["logits"]["peak_mib"] - base
     lowrank = results["lowrank"]["peak_mib"] - base
     inputs_mib = 2 * args.batch_a * args.vocab_a * args.rank * 4 / 2**20
-    print(f"\n(a) peak RSS, V = {args.vocab_a}, r = {args.rank}, B = {args.batch_a}, "
-          f"float32, ODE path, t1 = {args.t1_a}")
+    print(
+        f"\n(a) peak RSS, V = {args.vocab_a}, r = {args.rank}, B = {args.batch_a}, "
+        f"float32, ODE path, t1 = {args.t1_a}"
+    )
     print("| case | peak RSS (MiB) | above baseline (MiB) | steps | wall (s) |")
     print("|---|---:|---:|---:|---:|")
     print(f"| baseline (imports, inputs, trivial jit) | {base:.0f} | — | — | — |")
-    for name, key, extra in (("Logits alone", "logits", logits),
-                             ("Logits + LowRankPayoff", "lowrank", lowrank)):
+    for name, key, extra in (
+        ("Logits alone", "logits", logits),
+        ("Logits + LowRankPayoff", "lowrank", lowrank),
+    ):
         r = results[key]
-        print(f"| {name} | {r['peak_mib']:.0f} | {extra:.0f} | {r['steps']} | "
-              f"{r['seconds']:.1f} |")
+        print(
+            f"| {name} | {r['peak_mib']:.0f} | {extra:.0f} | {r['steps']} | "
+            f"{r['seconds']:.1f} |"
+        )
     ratio = lowrank / logits
-    print(f"ratio (low-rank / logits, above baseline): {ratio:.2f}; U and W hold "
-          f"{inputs_mib:.0f} MiB; a dense A would hold "
-          f"{args.batch_a * args.vocab_a**2 * 4 / 2**30:.0f} GiB")
+    print(
+        f"ratio (low-rank / logits, above baseline): {ratio:.2f}; U and W hold "
+        f"{inputs_mib:.0f} MiB; a dense A would hold "
+        f"{args.batch_a * args.vocab_a**2 * 4 / 2**30:.0f} GiB"
+    )
     return {"results": results, "ratio": ratio, "inputs_mib": inputs_mib}
 
 
@@ -115,7 +147,9 @@ def part_b(args) -> dict:
     jax.config.update("jax_enable_x64", True)
     B, V, T, t1 = args.batch_b, args.vocab_b, args.temperature, args.t1_b
     alpha, tau = args.alpha, args.tau
-    logits64 = np.asarray(3.0 * jax.random.normal(jax.random.key(1), (B, V), jnp.float64))
+    logits64 = np.asarray(
+        3.0 * jax.random.normal(jax.random.key(1), (B, V), jnp.float64)
+    )
 
     def timed(fn):
         start = time.perf_counter()
@@ -134,8 +168,9 @@ def part_b(args) -> dict:
 
         def run():
             score = rx.Logits(logits) + rx.FrequencyPenalty(alpha, tau=tau, stages=2)
-            sol = rx.solve(rx.Replicator(score, T), t1=t1, rtol=rtol, atol=rtol,
-                           max_steps=100_000)
+            sol = rx.solve(
+                rx.Replicator(score, T), t1=t1, rtol=rtol, atol=rtol, max_steps=100_000
+            )
             return sol.log_p[:, -1], sol.stats["num_steps"]
 
         return run
@@ -156,8 +191,12 @@ def part_b(args) -> dict:
             # Times in the state's dtype: with float64 enabled, Python floats would
             # promote the whole solve to float64.
             sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(field), diffrax.Tsit5(), jnp.asarray(0.0, dtype),
-                jnp.asarray(t1, dtype), None, (p0, p0, p0),
+                diffrax.ODETerm(field),
+                diffrax.Tsit5(),
+                jnp.asarray(0.0, dtype),
+                jnp.asarray(t1, dtype),
+                None,
+                (p0, p0, p0),
                 stepsize_controller=diffrax.PIDController(
                     rtol=jnp.asarray(rtol, dtype), atol=jnp.asarray(rtol, dtype)
                 ),
@@ -167,30 +206,57 @@ def part_b(args) -> dict:
 
         return solve
 
-    (ref_log_p, ref_steps), ref_compile, ref_time = timed(replicax_fn(jnp.float64, 1e-10))
+    (ref_log_p, ref_steps), ref_compile, ref_time = timed(
+        replicax_fn(jnp.float64, 1e-10)
+    )
     ref_p = np.exp(np.asarray(ref_log_p, np.float64))
-    rows = [("replicax float64, rtol = atol = 1e-10 (reference)", ref_compile, ref_time,
-             int(np.max(ref_steps)), 0.0, float(np.max(np.abs(ref_p.sum(-1) - 1))))]
+    rows = [
+        (
+            "replicax float64, rtol = atol = 1e-10 (reference)",
+            ref_compile,
+            ref_time,
+            int(np.max(ref_steps)),
+            0.0,
+            float(np.max(np.abs(ref_p.sum(-1) - 1))),
+        )
+    ]
     cases = [
         ("replicax float32, rtol = atol = 1e-6", replicax_fn(jnp.float32, 1e-6), True),
         ("replicax float64, rtol = atol = 1e-6", replicax_fn(jnp.float64, 1e-6), True),
-        ("plain diffrax on p, float32, rtol = atol = 1e-6", diffrax_fn(jnp.float32, 1e-6),
-         False),
+        (
+            "plain diffrax on p, float32, rtol = atol = 1e-6",
+            diffrax_fn(jnp.float32, 1e-6),
+            False,
+        ),
     ]
     for name, fn, log in cases:
         (out, steps), compile_s, median = timed(fn)
         p = np.asarray(out, np.float64)
         p = np.exp(p) if log else p
         name = f"{name} (output {out.dtype})"
-        rows.append((name, compile_s, median, int(np.max(steps)),
-                     float(np.max(np.abs(p - ref_p))), float(np.max(np.abs(p.sum(-1) - 1)))))
-    print(f"\n(b) B = {B}, V = {V}, Logits + FrequencyPenalty(alpha={alpha}, tau={tau}, "
-          f"stages=2), Replicator, T = {T}, t1 = {t1}, uniform start, median of "
-          f"{args.repeats}")
-    print("| entry | compile (s) | time (ms) | steps | max abs error in p | max abs (Σp − 1) |")
+        rows.append(
+            (
+                name,
+                compile_s,
+                median,
+                int(np.max(steps)),
+                float(np.max(np.abs(p - ref_p))),
+                float(np.max(np.abs(p.sum(-1) - 1))),
+            )
+        )
+    print(
+        f"\n(b) B = {B}, V = {V}, Logits + FrequencyPenalty(alpha={alpha}, tau={tau}, "
+        f"stages=2), Replicator, T = {T}, t1 = {t1}, uniform start, median of "
+        f"{args.repeats}"
+    )
+    print(
+        "| entry | compile (s) | time (ms) | steps | max abs error in p | max abs (Σp − 1) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for name, c, m, steps, err, mass in rows:
-        print(f"| {name} | {c:.2f} | {1e3 * m:.0f} | {steps} | {err:.1e} | {mass:.1e} |")
+        print(
+            f"| {name} | {c:.2f} | {1e3 * m:.0f} | {steps} | {err:.1e} | {mass:.1e} |"
+        )
     return {"rows": rows}
 
 
@@ -215,8 +281,9 @@ def main():
         _memory_case(args.memory_case, args.vocab_a, args.batch_a, args.rank, args.t1_a)
         return
     versions = {p: importlib.metadata.version(p) for p in ("jax", "diffrax", "equinox")}
-    print(f"versions: {versions}; cores: {os.cpu_count()}; "
-          f"load: {os.getloadavg()[0]:.1f}")
+    print(
+        f"versions: {versions}; cores: {os.cpu_count()}; load: {os.getloadavg()[0]:.1f}"
+    )
     out = {"versions": versions}
     start = time.perf_counter()
     if args.part in ("a", "both"):
