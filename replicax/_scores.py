@@ -286,20 +286,30 @@ class LowRankPayoff(AbstractScore):
             )
         self.U = _as_float(U)
         self.W = _as_float(W)
+        self.guard = None
+
+    # A zero per row that carries the run-time checks of `U` and `W` (`None` until
+    # `check`). Attaching a check to `U` itself would make XLA copy it (the checked
+    # array is a new buffer): at vocabulary scale that doubles the memory of the term.
+    guard: Float[Array, "*guard_batch"] | None
 
     def __call__(self, t, log_p, aux):
         del t, aux
         p = jnp.exp(log_p)
-        return self.U.astype(p.dtype) @ (p @ self.W.astype(p.dtype))
+        z = self.U.astype(p.dtype) @ (p @ self.W.astype(p.dtype))
+        return z if self.guard is None else z + self.guard.astype(z.dtype)
 
     @property
     def vocab_size(self):
         return self.U.shape[-2]
 
     def check(self):
-        U = _check_finite(self.U, "U", 2)
-        W = _check_finite(self.W, "W", 2)
-        return eqx.tree_at(lambda s: (s.U, s.W), self, (U, W))
+        bad_U = jnp.any(~jnp.isfinite(self.U), axis=(-2, -1))
+        bad_W = jnp.any(~jnp.isfinite(self.W), axis=(-2, -1))
+        guard = jnp.zeros(bad_U.shape, self.U.dtype)
+        guard = error_if_rows(guard, bad_U, "`U` contains NaN or inf at batch index {index}.")
+        guard = error_if_rows(guard, bad_W, "`W` contains NaN or inf at batch index {index}.")
+        return eqx.tree_at(lambda s: s.guard, self, guard, is_leaf=lambda x: x is None)
 
 
 class AbstractMemoryScore(AbstractScore):
