@@ -16,6 +16,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, mirror_step, multiplicative_step
+from ._misc import error_if_rows
 from ._rows import as_scalar, check_scalar, prepare_rows, vmap_rows
 
 
@@ -27,11 +28,11 @@ def _iterate(flow, step_size, num_steps, y0, log_y0, step, name: str):
     rows = prepare_rows(flow, y0=y0, log_y0=log_y0)
     eta = as_scalar(step_size, "step_size", rows.dtype)
     eta = check_scalar(eta, f"step_size` of `{name}", positive=True)
-    return _scan_rows(rows, eta, num_steps, step)
+    return _scan_rows(rows, eta, num_steps, step, name)
 
 
 @eqx.filter_jit
-def _scan_rows(rows, eta, num_steps, step):
+def _scan_rows(rows, eta, num_steps, step, name):
     def one(row):
         f, face = row.flow, row.face
         log_p = row.log_p0()
@@ -53,7 +54,17 @@ def _scan_rows(rows, eta, num_steps, step):
         _, path = jax.lax.scan(body, (log_p, aux), ks)
         return jnp.concatenate([log_p[None], path], axis=0)
 
-    return vmap_rows(one, rows)
+    path = vmap_rows(one, rows)
+    # The inputs were checked and every step is normalised: a NaN here means that the
+    # log-weights overflowed, i.e. a step size too large for the map.
+    return error_if_rows(
+        path,
+        jnp.any(jnp.isnan(path), axis=(-2, -1)),
+        f"`step_size` is too large for `{name}`: its iterates overflowed at batch index "
+        "{index}. The entropic mirror step diverges for step_size > 2; multiplicative "
+        "weights overflow once step_size * |score| / temperature passes the largest "
+        "float.",
+    )
 
 
 def discrete_map(
