@@ -43,7 +43,8 @@ def _scan_rows(rows, eta, num_steps, step, name):
         def body(carry, k):
             log_p, aux = carry
             t = k * eta
-            rate = jnp.where(face, f.score(t, log_p, aux), 0) / temperature
+            z = f.score(t, log_p, aux).astype(eta.dtype)
+            rate = jnp.where(face, z, 0) / temperature
             theta = step_fn(jnp.where(face, log_p, 0), rate, eta)
             aux_rate = f.score.aux_rate(t, log_p, aux)
             aux = jax.tree_util.tree_map(lambda a, r: a + eta * r, aux, aux_rate)

@@ -190,7 +190,7 @@ class Replicator(AbstractFlow):
     """
 
     def log_rate(self, t, log_p, aux, face):
-        z = self.score(t, log_p, aux)
+        z = self.score(t, log_p, aux).astype(log_p.dtype)
         return centred_rate(z / self.temperature.astype(log_p.dtype), log_p, face)
 
     def closed_form(self, dt, log_p0, centred_scores, face):
@@ -224,7 +224,7 @@ class EntropicReplicator(AbstractFlow):
     """
 
     def log_rate(self, t, log_p, aux, face):
-        z = self.score(t, log_p, aux)
+        z = self.score(t, log_p, aux).astype(log_p.dtype)
         rate = z / self.temperature.astype(log_p.dtype) - jnp.where(face, log_p, 0)
         return centred_rate(rate, log_p, face)
 

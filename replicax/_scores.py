@@ -642,7 +642,12 @@ class ScoreSum(AbstractScore):
         return all(term.is_constant for term in self.terms)
 
     def __call__(self, t, log_p, aux):
-        zs = [term(t, log_p, a) for term, a in zip(self.terms, aux, strict=True)]
+        # Terms may hold parameters of other dtypes (float32 logits, a float64 payoff):
+        # the sum is taken in the state's dtype.
+        zs = [
+            term(t, log_p, a).astype(log_p.dtype)
+            for term, a in zip(self.terms, aux, strict=True)
+        ]
         return sum(zs[1:], zs[0])
 
     def init_aux(self, log_p0):
