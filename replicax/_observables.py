@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, Replicator
-from ._rows import prepare_rows, vmap_rows
+from ._rows import prepare_rows, score_face, vmap_rows
 from ._support import TopP
 from ._time_to import check_eps
 
@@ -136,14 +136,9 @@ def speed(
     if aux is not None:
         if log_p.ndim != 1:
             raise ValueError("`aux` is only supported for a single context; use jax.vmap.")
-        face = (log_p > -jnp.inf) & _face_of_score(flow.score, log_p.shape[-1])
+        face = (log_p > -jnp.inf) & score_face(flow.score, log_p.shape)
         return _speed_at(flow, jnp.where(face, log_p, -jnp.inf), face, t, aux)
     return _map_rows(_speed_one, prepare_rows(flow, log_y0=log_p), t)
-
-
-def _face_of_score(score, vocab):
-    face = score.face()
-    return jnp.ones(vocab, bool) if face is None else face
 
 
 def _speed_one(row, t):

@@ -77,11 +77,15 @@ class Row(eqx.Module):
         """The constant scores (finite; masked tokens hold 0)."""
         return self.flow.score.constant_value().astype(self.dtype)
 
-    def centred_scores(self) -> Float[Array, " vocab"]:
-        """The constant scores minus their maximum on the face, `0` off it."""
+    def centred_scores(
+        self, on: Bool[Array, " vocab"] | None = None
+    ) -> Float[Array, " vocab"]:
+        """The constant scores minus their maximum on `on` (default: the face), `0` off
+        it."""
+        on = self.face if on is None else on
         scores = self.scores()
-        top = jnp.max(jnp.where(self.face, scores, -jnp.inf))
-        return jnp.where(self.face, scores - top, 0)
+        top = jnp.max(jnp.where(on, scores, -jnp.inf))
+        return jnp.where(on, scores - top, 0)
 
 
 class Rows(eqx.Module):
@@ -116,8 +120,7 @@ class Rows(eqx.Module):
         supports = tuple(
             self.flatten(s.broadcast_batch(batch_shape).check()) for s in self.supports
         )
-        alive = flow.score.face()
-        alive = jnp.ones((self.num_rows, vocab), bool) if alive is None else alive
+        alive = score_face(flow.score, (self.num_rows, vocab))
         log_y0 = None
         if self.start is not None:
             start = self.start.astype(self.dtype)
@@ -161,6 +164,13 @@ class Rows(eqx.Module):
 
     def unflatten(self, x: Array) -> Array:
         return x.reshape(self.batch_shape + x.shape[1:])
+
+
+def score_face(score, shape: tuple[int, ...]) -> Bool[Array, "..."]:
+    """The tokens `score` allows, as a mask of `shape` (`score.face()` is `None` when it
+    allows all of them)."""
+    face = score.face()
+    return jnp.ones(shape, bool) if face is None else face
 
 
 def vmap_rows(fn: Callable[..., PyTree], rows: Rows, *args) -> PyTree:

@@ -126,8 +126,7 @@ class Switched(AbstractMethod):
         dtype = t0.dtype
         vocab = alive.shape[-1]
         scores = row.scores()
-        top = jnp.max(jnp.where(alive, scores, -jnp.inf))
-        centred = jnp.where(alive, scores - top, 0)
+        centred = row.centred_scores(on=alive)
         log_p0 = None if row.uniform else row.log_p0(on=alive)
         aux = flow.score.init_aux(row.log_p0(on=alive))
 
