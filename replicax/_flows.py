@@ -155,7 +155,13 @@ def linear_closed_form(decay, coefficient, log_p0, centred_scores, face):
     A coefficient that overflows (`t/T` past the float range) multiplies only the tokens
     below the maximum, which then go to `-inf`: the tokens at the maximum keep exactly
     `decay log p₀`, which is the limit."""
-    x = jnp.where(centred_scores == 0, 0, coefficient * centred_scores)
+    # `0 * coefficient` where the scores are at their maximum, without forming
+    # `0 * inf`; written with the scores (not a literal 0) so that tokens tied at the
+    # maximum keep their derivative `coefficient`.
+    finite = jnp.where(jnp.isfinite(coefficient), coefficient, 0)
+    x = jnp.where(
+        centred_scores == 0, centred_scores * finite, coefficient * centred_scores
+    )
     if log_p0 is None:
         # The maximum is 0 (a token at the top of the scores): one reduction suffices.
         x = jnp.where(face, x, -jnp.inf)

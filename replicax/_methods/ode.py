@@ -4,6 +4,7 @@ from typing import ClassVar
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array
@@ -13,6 +14,11 @@ from .._rows import as_scalar, check_scalar, floats_to_arrays, Row, Rows
 from .._saveat import SaveAt
 from .._solution import RESULTS
 from .base import AbstractMethod, RowSolution
+
+
+# Checkpoints of the default adjoint: gradient memory ~2.7× the forward solve's
+# (benchmarks/adjoints.py)
+DEFAULT_CHECKPOINTS = 4
 
 
 def check_max_steps(max_steps, name: str = "max_steps", allow_none: bool = True):
@@ -50,7 +56,21 @@ class ODE(AbstractMethod):
     - `rtol`, `atol`: tolerances of the default controller, on `log p` (default `1e-6`).
         Dynamic. Give them to your own controller instead when you pass one.
     - `dt0`: initial step (`None`: chosen by the controller; needed by a constant step).
-    - `adjoint`: a diffrax adjoint; default `diffrax.RecursiveCheckpointAdjoint()`.
+    - `adjoint`: how `jax.grad` differentiates the solve; a diffrax adjoint. Default
+        `diffrax.RecursiveCheckpointAdjoint(checkpoints=4)`: the exact derivative of the
+        discrete solve, keeping 4 checkpoints of the state whatever the number of steps,
+        so the gradient's memory is about 2.7× the forward solve's and does not grow with
+        the steps (diffrax's own default keeps about `√(2 max_steps)`, 90 at the default
+        `max_steps`: 19× the forward memory). The price is recomputation: with `c`
+        checkpoints and `n` steps each step is recomputed about `r` times, where
+        `binom(c + r, c) ≥ n` (6 times for 128 steps). Pass more checkpoints when memory
+        allows. `diffrax.BacksolveAdjoint()` keeps no
+        checkpoints (constant memory) and solves the adjoint equation backwards: it is
+        accurate to the solver's tolerance, not exact, and it is stable for the replicator
+        (R), whose log-space flow is not contracting, but not for (E) over long horizons,
+        which contracts forwards (`θ̇ = z/T - θ`) and so amplifies errors like `e^{t}`
+        backwards. It cannot be used with `SaveAt(fn=...)`. `benchmarks/adjoints.py`
+        measures the choices side by side.
     - `max_steps`: step budget per context (static).
     - `throw`: raise if the solver fails; with `False`, failures are reported per row in
         `Trajectory.result` (and those rows' outputs are not meaningful).
@@ -63,7 +83,9 @@ class ODE(AbstractMethod):
     rtol: RealScalarLike | None = None
     atol: RealScalarLike | None = None
     dt0: RealScalarLike | None = None
-    adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint()
+    adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint(
+        checkpoints=DEFAULT_CHECKPOINTS
+    )
     max_steps: int | None = eqx.field(static=True, default=4096)
     throw: bool = eqx.field(static=True, default=True)
     progress_meter: diffrax.AbstractProgressMeter = diffrax.NoProgressMeter()
@@ -91,7 +113,12 @@ class ODE(AbstractMethod):
             )
 
     def prepare(self, rows: Rows, saveat: SaveAt) -> "ODE":
-        del saveat
+        if saveat.fn is not None and isinstance(self.adjoint, diffrax.BacksolveAdjoint):
+            raise ValueError(
+                "`adjoint=diffrax.BacksolveAdjoint()` cannot differentiate through "
+                "`SaveAt(fn=...)`: save `log_p` and compute the observables from it, or "
+                "use the default adjoint."
+            )
         dtype = rows.dtype
         if self.stepsize_controller is None:
             rtol, atol = tolerances(self.rtol, self.atol, dtype, 1e-6)
@@ -117,22 +144,24 @@ class ODE(AbstractMethod):
         has_aux = len(jtu.tree_leaves(aux0)) > 0
         fn = saveat.fn
 
-        def split(y):
+        # The flow and face reach the vector field through `args`, not a closure:
+        # adjoints that differentiate with respect to `args` (`BacksolveAdjoint`) see
+        # the flow's parameters, and nothing traced is closed over.
+        def split(y, args):
+            flow, face = args
             theta, aux = y if has_aux else (y, aux0)
             return flow.readout(theta, face), aux
 
         def vector_field(t, y, args):
-            del args
-            log_p, aux = split(y)
+            flow, face = args
+            log_p, aux = split(y, args)
             rate = flow.log_rate(t, log_p, aux, face)
             return (rate, flow.score.aux_rate(t, log_p, aux)) if has_aux else rate
 
+        # Without `fn` the raw state is saved and read out afterwards: the same work, and
+        # it lets adjoints that cannot save through a function (`BacksolveAdjoint`) run.
         def save_fn(t, y, args):
-            del args
-            log_p, aux = split(y)
-            if fn is not None:
-                return fn(t, log_p, flow)
-            return (log_p, aux) if has_aux else log_p
+            return fn(t, split(y, args)[0], args[0])
 
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(vector_field),
@@ -141,7 +170,13 @@ class ODE(AbstractMethod):
             t1,
             self.dt0,
             (theta0, aux0) if has_aux else theta0,
-            saveat=diffrax.SaveAt(t0=saveat.t0, t1=saveat.t1, ts=saveat.ts, fn=save_fn),
+            args=(flow, face),
+            saveat=diffrax.SaveAt(
+                t0=saveat.t0,
+                t1=saveat.t1,
+                ts=saveat.ts,
+                **({} if fn is None else dict(fn=save_fn)),
+            ),
             stepsize_controller=self.stepsize_controller,
             adjoint=self.adjoint,
             max_steps=self.max_steps,
@@ -155,5 +190,6 @@ class ODE(AbstractMethod):
         result = RESULTS.promote(sol.result)
         if fn is not None:
             return RowSolution(None, sol.ys, None, stats, result)
-        log_p, aux = sol.ys if has_aux else (sol.ys, None)
+        theta, aux = sol.ys if has_aux else (sol.ys, None)
+        log_p = jax.vmap(flow.readout, in_axes=(0, None))(theta, face)
         return RowSolution(log_p, None, aux, stats, result)
