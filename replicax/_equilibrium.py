@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, Bool, Complex, Float, Int
 
 from ._flows import AbstractFlow
 from ._methods import AbstractMethod, RestPoint
-from ._rows import prepare_rows, Rows, vmap_rows
+from ._rows import Rows, prepare_rows, vmap_rows
 from ._solution import RESULTS
 
 
@@ -50,7 +50,7 @@ def equilibrium(
     log_y0: Float[ArrayLike, "*batch vocab"] | None = None,
     support: Any = None,
     temperature_first: bool = True,
-    method: AbstractMethod = RestPoint(),
+    method: AbstractMethod = RestPoint(),  # noqa: B008 - a frozen Module, never mutated
 ) -> Equilibrium:
     """Rest points of `flow`, one per context, each searched from that context's start,
     with a stability flag (THEORY §4).

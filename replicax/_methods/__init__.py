@@ -1,6 +1,6 @@
-"""The methods family: how one context is solved (exact closed form, diffrax ODE, switched
-faces, rest points for `rx.equilibrium`; later fused kernels). `solve` prepares the rows and hands each to
-the method; it calls nothing else."""
+"""The methods family: how one context is solved (exact closed form, diffrax ODE,
+switched faces; rest points for `rx.equilibrium`; later fused kernels). `solve` prepares
+the rows and hands each to the method; it calls nothing else."""
 
 from .base import (
     AbstractMethod as AbstractMethod,

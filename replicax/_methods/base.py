@@ -85,8 +85,8 @@ class AbstractMethod(eqx.Module):
         asks: `log_p`, or only `saveat.fn` of it)."""
 
     def prepare_rest_point(self, rows: Rows) -> "AbstractMethod":
-        """As `prepare`, for `rx.equilibrium`. Raises `TypeError` for a method that finds
-        paths, not rest points."""
+        """As `prepare`, for `rx.equilibrium`. Raises `TypeError` for a method that
+        finds paths, not rest points."""
         del rows
         raise TypeError(
             f"`method={type(self).__name__}(...)` computes paths (for `rx.solve`), not "
