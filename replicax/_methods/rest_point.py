@@ -88,6 +88,11 @@ class RestPoint(AbstractMethod):
     - `stability_tol`: the margin of `stable` on the leading real part. Default
         `sqrt(eps)` of the dtype (`1.5e-8` in float64, `3.5e-4` in float32). Dynamic.
 
+    The field is evaluated at `t = 0` (the scores of replicax do not depend on time).
+    Where a search failed (`throw=False`), `log_p` and its gradients are not meaningful.
+    The eigensolvers call `jnp.linalg.eigvals` (of the tangent Jacobian, or of Arnoldi's
+    small Hessenberg matrix), which JAX implements on CPU and GPU.
+
     `RestPoint` is not a method of `rx.solve` (it computes no path): use it through
     `rx.equilibrium`.
     """
