@@ -19,6 +19,10 @@ from ._discrete import (
     entropic_mirror_map as entropic_mirror_map,
     multiplicative_weights as multiplicative_weights,
 )
+from ._equilibrium import (
+    Equilibrium as Equilibrium,
+    equilibrium as equilibrium,
+)
 from ._flows import (
     AbstractFlow as AbstractFlow,
     EntropicReplicator as EntropicReplicator,
@@ -28,6 +32,7 @@ from ._methods import (
     AbstractMethod as AbstractMethod,
     Exact as Exact,
     ODE as ODE,
+    RestPoint as RestPoint,
     Switched as Switched,
     Switches as Switches,
 )

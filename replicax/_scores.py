@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
@@ -64,6 +65,23 @@ class AbstractScore(eqx.Module):
         """Time derivative of the auxiliary state of one context."""
         del t, log_p, aux
         return None
+
+    def rest_aux(self, log_p: Float[Array, " vocab"]) -> PyTree:
+        """The auxiliary state of one context held at rest at `log_p`: the history that
+        a path resting at `p` forever would have (what `rx.equilibrium` evaluates the
+        score with). `None` for a term without history.
+
+        **Raises:**
+
+        `ValueError` for a term that has a history but no rest value (subclasses with a
+        history override this).
+        """
+        if not jtu.tree_leaves(self.init_aux(log_p)):
+            return None
+        raise ValueError(
+            f"{type(self).__name__} has a history but does not define its value at rest "
+            "(`rest_aux`), so `rx.equilibrium` cannot evaluate it."
+        )
 
     def check(self) -> "AbstractScore":
         """This term with run-time checks of its values attached (leaves already
@@ -358,6 +376,24 @@ class AbstractMemoryScore(AbstractScore):
             return p
         upstream = jnp.concatenate([p[None], aux[:-1]], axis=0)
         return (upstream - aux) / self.tau.astype(aux.dtype)
+
+    def rest_aux(self, log_p):
+        """Every stage of a fading memory equal to `p` (the rest of `ċ₁ = (p - c₁)/τ`,
+        `ċₖ = (cₖ₋₁ - cₖ)/τ`), whatever `memory0`.
+
+        **Raises:**
+
+        `ValueError` for cumulative counts (`tau=None`): `ċ = p` grows without bound,
+        so the flow has no rest point.
+        """
+        if self.tau is None:
+            raise ValueError(
+                f"`{type(self).__name__}` with cumulative counts (`tau=None`) has no rest "
+                "point: its counts grow without bound (ċ = p). Give it a fading memory "
+                "(a finite `tau`) to look for equilibria."
+            )
+        p = jnp.exp(log_p)
+        return jnp.broadcast_to(p, (self.stages,) + p.shape)
 
     @property
     def vocab_size(self):
@@ -657,6 +693,9 @@ class ScoreSum(AbstractScore):
         return tuple(
             term.aux_rate(t, log_p, a) for term, a in zip(self.terms, aux, strict=True)
         )
+
+    def rest_aux(self, log_p):
+        return tuple(term.rest_aux(log_p) for term in self.terms)
 
     @property
     def vocab_size(self):

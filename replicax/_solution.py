@@ -11,7 +11,15 @@ class RESULTS(diffrax.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
 
     `RESULTS.successful` for every exact (closed-form) solve. On the diffrax path,
     e.g. `RESULTS.max_steps_reached`, whose message says to increase `max_steps`.
+    `rx.equilibrium` reports `RESULTS.rest_point_not_found` for a root find that failed.
     """
+
+    rest_point_not_found = (
+        "The search for a rest point (`rx.equilibrium`) did not converge. Try another "
+        "start (`y0`), a larger `max_steps` or looser `rtol`/`atol` in `rx.RestPoint`; "
+        "the flow may have no rest point near this start (a limit cycle, or a path "
+        "that tends to the boundary of the simplex)."
+    )
 
 
 class Trajectory(eqx.Module):

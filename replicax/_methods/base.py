@@ -6,7 +6,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Complex, Float, Int, PyTree
 
 from .._flows import AbstractFlow
 from .._rows import Row, Rows
@@ -36,12 +36,31 @@ class RowSolution(eqx.Module):
     info: PyTree | None = None
 
 
+class RowEquilibrium(eqx.Module):
+    """What a method returns for one context when asked for a rest point
+    (`rx.equilibrium` stacks them over the batch into an `rx.Equilibrium`).
+
+    **Fields:** as `rx.Equilibrium`, for one context.
+    """
+
+    log_p: Float[Array, " vocab"]
+    stable: Bool[Array, ""]
+    leading_eigenvalue: Complex[Array, ""]
+    residual: Float[Array, ""]
+    result: RESULTS
+    num_steps: Int[Array, ""]
+
+
 class AbstractMethod(eqx.Module):
     """Base class of the methods: how `solve` computes the path of one context.
 
     Subclasses implement `solve_row`; `prepare` (optional) checks, outside `jit`, that the
     method applies to the problem and turns its Python floats into arrays (so that new
     values do not recompile). Options that set shapes or control flow are static fields.
+
+    A method that finds rest points instead of paths (`rx.RestPoint`, used by
+    `rx.equilibrium`) implements `prepare_rest_point` and `rest_point_row`; the others
+    refuse them.
     """
 
     # Short name, reported as `Trajectory.method`.
@@ -64,6 +83,22 @@ class AbstractMethod(eqx.Module):
     ) -> RowSolution:
         """The path of one context from `t0` to `t1`, saved at `save_ts` (as `saveat`
         asks: `log_p`, or only `saveat.fn` of it)."""
+
+    def prepare_rest_point(self, rows: Rows) -> "AbstractMethod":
+        """As `prepare`, for `rx.equilibrium`. Raises `TypeError` for a method that
+        finds paths, not rest points."""
+        del rows
+        raise TypeError(
+            f"`method={type(self).__name__}(...)` computes paths (for `rx.solve`), not "
+            "rest points: give `rx.equilibrium` a method such as `rx.RestPoint()`."
+        )
+
+    def rest_point_row(self, row: Row) -> RowEquilibrium:
+        """A rest point of the flow of one context, searched from its start."""
+        del row
+        raise NotImplementedError(
+            f"{type(self).__name__} does not find rest points; use `rx.RestPoint()`."
+        )
 
 
 def no_steps() -> dict[str, Int[Array, ""]]:
