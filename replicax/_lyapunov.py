@@ -5,6 +5,8 @@ re-orthonormalisation (the standard discrete-QR method of Benettin et al.).
 Everything is written for one context and mapped over the batch, like `solve`.
 """
 
+from collections.abc import Callable
+
 import diffrax
 import equinox as eqx
 import jax
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
@@ -170,17 +172,19 @@ def lyapunov_exponents(
             "`t1` must be > `t0`, both finite.",
         )
     rtol, atol = tolerances(rtol, atol, dtype, None)
-    keys = None
-    if key is not None:
-        if not (
-            isinstance(key, jax.Array)
-            and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))
-        ):
-            raise TypeError(
-                "`key` must be a JAX PRNG key (`jax.random.key(...)`); received "
-                f"{type(key).__name__}."
-            )
-        keys = jax.random.split(key, rows.num_rows)
+    use_key = jnp.asarray(key is not None)
+    if key is None:
+        # Unused (the fixed frame is chosen on device), but present, so that giving a
+        # key or not does not compile twice.
+        key = jax.random.key(0)
+    elif not isinstance(key, jax.Array):
+        raise TypeError(
+            "`key` must be a JAX PRNG key (`jax.random.key(...)`); received "
+            f"{type(key).__name__}."
+        )
+    elif not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a legacy uint32 key
+    keys = jax.random.split(key, rows.num_rows)
     history = _history_size(rows)
     dimension = rows.vocab_size - 1 + history
     if dimension < 1:
@@ -195,21 +199,22 @@ def lyapunov_exponents(
                 f"size); above {_FULL_MAX_DIMENSION}, give `k`, the number of "
                 "exponents wanted (e.g. `k=4`)."
             )
-        k, pad = dimension, True
+        k, pad = dimension, jnp.asarray(True)
     else:
         if k > dimension:
             raise ValueError(
                 f"`k` must be at most the dimension of the tangent space, {dimension} "
                 f"(vocab - 1 + history size); received k={k}."
             )
-        pad = False
+        pad = jnp.asarray(False)
     return _lyapunov_rows(
         rows,
+        keys,
+        use_key,
         t0,
         t1,
         rtol,
         atol,
-        keys,
         solver,
         history,
         k,
@@ -231,45 +236,119 @@ def _history_size(rows: Rows) -> int:
     return sum(int(np.prod(x.shape[1:])) for x in jtu.tree_leaves(shapes))
 
 
+class _Tangent(eqx.Module):
+    """The state of one context as one flat vector `(θ, history)` and the geometry of
+    its tangent space."""
+
+    y0: Float[Array, " size"]
+    unravel: Callable = eqx.field(static=True)
+    face: Bool[Array, " vocab"]
+    n: Int[Array, ""]  # the face size
+    valid: Bool[Array, " k"]  # which of the k directions exist on this face
+
+    @classmethod
+    def of(cls, row: Row, k: int) -> "_Tangent":
+        theta0 = row.theta0()
+        aux0 = row.flow.score.init_aux(row.flow.readout(theta0, row.face))
+        y0, unravel = ravel_pytree((theta0, aux0))
+        history = y0.shape[0] - theta0.shape[0]
+        n = jnp.sum(row.face)
+        return cls(
+            y0.astype(row.dtype), unravel, row.face, n, jnp.arange(k) < n - 1 + history
+        )
+
+    def project(self, frame: Float[Array, "k size"]) -> Float[Array, "k size"]:
+        """`P` on the θ-components (mean zero on the face, zero off it); the history
+        whole."""
+        vocab, on_face = self.face.shape[0], self.face[None, :]
+        theta = jnp.where(on_face, frame[:, :vocab], 0)
+        mean = jnp.sum(theta, axis=1, keepdims=True) / self.n.astype(frame.dtype)
+        theta = jnp.where(on_face, theta - mean, 0)
+        return jnp.concatenate([theta, frame[:, vocab:]], axis=1)
+
+    def orthonormalise(self, frame):
+        """The projected frame re-orthonormalised, and `log|diag R|` of its QR."""
+        # Reduced QR of the (size, k) matrix. The existing directions come first, so the
+        # missing ones (zero columns) change nothing before them.
+        valid = self.valid
+        q, r = jnp.linalg.qr(jnp.where(valid[:, None], self.project(frame), 0).T)
+        growth = jnp.abs(jnp.diagonal(r))
+        log_growth = jnp.where(valid, jnp.log(jnp.where(valid, growth, 1)), 0)
+        return jnp.where(valid[:, None], q.T, 0), log_growth
+
+
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)
 def _lyapunov_rows(
-    rows, t0, t1, rtol, atol, keys, solver, history, k, pad, intervals, max_steps, throw
+    rows,
+    keys,
+    use_key,
+    t0,
+    t1,
+    rtol,
+    atol,
+    solver,
+    history,
+    k,
+    pad,
+    intervals,
+    max_steps,
+    throw,
 ):
     row = rows.flat()
     directions = jnp.sum(row.face, axis=-1) - 1 + history
-    if not pad:
-        face = error_if_rows(
-            row.face,
-            rows.unflatten(directions < k),
-            f"`k={k}` is more than the directions the face leaves at batch index "
-            "{index} (face size - 1 + history size).",
-        )
-        row = eqx.tree_at(lambda r: r.face, row, face)
+    # `pad` (whether `k` was left to its default, which pads with -inf) is dynamic: the
+    # default and an explicit `k` of the same value share a compile.
+    face = error_if_rows(
+        row.face,
+        rows.unflatten((directions < k) & ~pad),
+        f"`k={k}` is more than the directions the face leaves at batch index "
+        "{index} (face size - 1 + history size).",
+    )
+    row = eqx.tree_at(lambda r: r.face, row, face)
 
     def one(row, key):
+        tangent = _Tangent.of(row, k)
+        # Both frames are cheap (k vectors); choosing at run time spares a compile.
+        log_p0 = row.flow.readout(row.theta0(), row.face)
+        fixed = _helmert_frame(log_p0, row.face, tangent.n, history, k, row.dtype)
+        random = jax.random.normal(key, fixed.shape, row.dtype)
+        frame, _ = tangent.orthonormalise(jnp.where(use_key, random, fixed))
         return _lyapunov_row(
-            row, t0, t1, rtol, atol, key, solver, k, intervals, max_steps, throw
+            row,
+            tangent,
+            frame,
+            t0,
+            t1,
+            rtol,
+            atol,
+            solver,
+            k,
+            intervals,
+            max_steps,
+            throw,
         )
 
-    out = jax.vmap(one, in_axes=(0, None if keys is None else 0))(row, keys)
+    out = jax.vmap(one)(row, keys)
     return jtu.tree_map(rows.unflatten, out)
 
 
 def _lyapunov_row(
-    row: Row, t0, t1, rtol, atol, key, solver, k, intervals, max_steps, throw
+    row: Row,
+    tangent: _Tangent,
+    frame,
+    t0,
+    t1,
+    rtol,
+    atol,
+    solver,
+    k,
+    intervals,
+    max_steps,
+    throw,
 ) -> Lyapunov:
     flow, face, dtype = row.flow, row.face, row.dtype
-    theta0 = row.theta0()
-    log_p0 = flow.readout(theta0, face)
-    aux0 = flow.score.init_aux(log_p0)
-    y0, unravel = ravel_pytree((theta0, aux0))
-    y0 = y0.astype(dtype)
-    vocab, size = theta0.shape[0], y0.shape[0]
-    history = size - vocab
-    n = jnp.sum(face)
-    valid = jnp.arange(k) < n - 1 + history
-    on_face = face[None, :]
+    unravel, valid = tangent.unravel, tangent.valid
 
     def field(t, y):
         theta, aux = unravel(y)
@@ -281,38 +360,17 @@ def _lyapunov_row(
     def augmented(t, state, args):
         del args
         y, frame, _ = state
-        rate, tangent = jax.linearize(lambda x: field(t, x), y)
-        pushed = jax.vmap(tangent)(frame)
+        rate, push = jax.linearize(lambda x: field(t, x), y)
+        pushed = jax.vmap(push)(frame)
         # Each vector is kept at unit length as it goes, its log-length carried in
         # `log_scale` (the frame is `frame · diag(e^{log_scale})`, whatever `growth`):
         # the solver's tolerances then bound the frame's error relative to its size,
         # however fast it grows or shrinks within an interval.
-        u, ju = project(frame), project(pushed)
+        u, ju = tangent.project(frame), tangent.project(pushed)
         square = jnp.sum(u * u, axis=1)
         ok = square > 0
         growth = jnp.where(ok, jnp.sum(u * ju, axis=1) / jnp.where(ok, square, 1), 0)
         return rate, pushed - frame * growth[:, None], growth
-
-    def project(frame):
-        # `P` on the θ-components (mean zero on the face, zero off it); history whole.
-        theta = jnp.where(on_face, frame[:, :vocab], 0)
-        mean = jnp.sum(theta, axis=1, keepdims=True) / n.astype(dtype)
-        theta = jnp.where(on_face, theta - mean, 0)
-        return jnp.concatenate([theta, frame[:, vocab:]], axis=1)
-
-    def orthonormalise(frame):
-        # Reduced QR of the (size, k) matrix; the leading columns are the valid ones, so
-        # the trailing (missing) ones change nothing before them.
-        q, r = jnp.linalg.qr(jnp.where(valid[:, None], project(frame), 0).T)
-        growth = jnp.abs(jnp.diagonal(r))
-        log_growth = jnp.where(valid, jnp.log(jnp.where(valid, growth, 1)), 0)
-        return jnp.where(valid[:, None], q.T, 0), log_growth
-
-    if key is None:
-        frame = _helmert_frame(log_p0, face, n, history, k, dtype)
-    else:
-        frame = jax.random.normal(key, (k, size), dtype)
-    frame, _ = orthonormalise(frame)
 
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
     fractions = jnp.arange(intervals + 1, dtype=dtype) / intervals
@@ -339,7 +397,7 @@ def _lyapunov_row(
             throw=throw,
         )
         y, frame, log_scale = jtu.tree_map(lambda x: x[0], sol.ys)
-        frame, log_growth = orthonormalise(frame)
+        frame, log_growth = tangent.orthonormalise(frame)
         log_growth = log_growth + jnp.where(valid, log_scale, 0)
         new = RESULTS.promote(sol.result)
         result = RESULTS.where(result == RESULTS.successful, new, result)
@@ -349,7 +407,7 @@ def _lyapunov_row(
         }
         return (y, frame, total + log_growth, result, stats), None
 
-    carry = (y0, frame, jnp.zeros(k, dtype), RESULTS.successful, stats0)
+    carry = (tangent.y0, frame, jnp.zeros(k, dtype), RESULTS.successful, stats0)
     xs = (fractions[:-1], fractions[1:], last)
     (y, _, total, result, stats), _ = jax.lax.scan(interval, carry, xs)
     exponents = jnp.where(valid, total / (t1 - t0), -jnp.inf)

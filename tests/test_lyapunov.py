@@ -10,6 +10,7 @@ the cycle, the flow-map and the no-recompile tests.
 """
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,6 +39,10 @@ T_NODE = 0.5
 
 # --------------------------------------------------------------------------------------
 # References, in numpy/scipy only
+
+
+LOGITS = jnp.array([1.0, 0.3, -0.5, 0.2, 0.0, 2.0])
+Y0 = jnp.array([0.1, 0.2, 0.3, 0.15, 0.05, 0.2])
 
 
 def _softmax(x):
@@ -161,53 +166,61 @@ def test_rps_limit_cycle_has_a_zero_exponent():
 # 3. Constant logits: THEORY §5's closed forms, with and without a face
 
 
-@pytest.mark.parametrize(
-    "flow_cls, expected, k",
-    [(rx.Replicator, 0.0, None), (rx.EntropicReplicator, -1.0, 2)],
-)
-def test_constant_logits_closed_forms(flow_cls, expected, k):
+def test_constant_logits_replicator():
+    # (R): S = I in log coordinates (THEORY §5, ∂p(t)/∂log p₀ = G(p(t))): every
+    # exponent is 0, up to rounding (the frame does not move).
     tol = 1e-8
-    logits = jnp.array([1.0, 0.3, -0.5, 0.2, 0.0, 2.0])
-    y0 = jnp.array([0.1, 0.2, 0.3, 0.15, 0.05, 0.2])
-    # Row 0 on the full vocabulary (5 directions), row 1 on the face of the top 3 (2).
+    # Row 0 on the full vocabulary (5 directions), row 1 on the face of the top 3 (2;
+    # with `k=None` the other 3 are reported as -inf).
     out = _run(
-        flow_cls(logits, 0.7),
+        rx.Replicator(LOGITS, 0.7),
         t1=3.0,
-        y0=y0,
+        y0=Y0,
         support=rx.TopK(jnp.array([6, 3])),
-        k=k,
         intervals=5,
     )
-    if k is None:  # every direction; the face of row 1 leaves 2 of the 5
-        assert out.exponents.shape == (2, 5)
-        np.testing.assert_allclose(out.exponents[0], expected, atol=tol, rtol=0)
-        np.testing.assert_allclose(out.exponents[1, :2], expected, atol=tol, rtol=0)
-        assert bool(jnp.all(out.exponents[1, 2:] == -jnp.inf))
-    else:
-        assert out.exponents.shape == (2, k)
-        np.testing.assert_allclose(out.exponents, expected, atol=tol, rtol=0)
-    # The path is THEORY §1's closed form, on each row's face (y0 I-projected onto it).
-    s, q0 = np.asarray(logits), np.asarray(y0)
-    decay, gain = (
-        (1.0, 3.0 / 0.7) if expected == 0 else (np.exp(-3.0), -np.expm1(-3.0) / 0.7)
-    )
+    assert out.exponents.shape == (2, 5)
+    np.testing.assert_allclose(out.exponents[0], 0, atol=tol, rtol=0)
+    np.testing.assert_allclose(out.exponents[1, :2], 0, atol=tol, rtol=0)
+    assert bool(jnp.all(out.exponents[1, 2:] == -jnp.inf))
+    # The path is THEORY §1's closed form on each row's face (y0 I-projected onto it).
+    s, q0 = np.asarray(LOGITS), np.asarray(Y0)
     for row, face in enumerate((np.ones(6, bool), s >= np.sort(s)[-3])):
-        x = np.where(face, decay * np.log(q0) + gain * s, -np.inf)
-        np.testing.assert_allclose(
-            out.log_p[row], x - scipy.special.logsumexp(x), atol=1e-9
-        )
+        x = np.where(face, np.log(q0) + 3.0 / 0.7 * s, -np.inf)
+        x = x - scipy.special.logsumexp(x)
+        np.testing.assert_allclose(out.log_p[row], x, atol=1e-9)
+
+
+def test_constant_scores_entropic():
+    # (E): S = e^{-t} I in log coordinates (THEORY §5, ∂p(t)/∂log p₀ = e^{-t} G(p(t))):
+    # every exponent is -1. The constant scores are given as a payoff `A = s 1ᵀ`
+    # (`A p = s` on the simplex, so `Dz G = s (G 1)ᵀ = 0`): the same problem structure
+    # as the payoff tests, which spares a compile. A zero in the start is a face.
+    tol = 1e-8
+    s, T, t1 = np.array([1.0, -0.5, 0.3]), 0.7, 3.0
+    flow = _payoff_flow(np.outer(s, np.ones(3)), T)
+    for p0, expected in (([0.2, 0.5, 0.3], [-1, -1]), ([0.4, 0.0, 0.6], [-1, -np.inf])):
+        with np.errstate(divide="ignore"):
+            log_p0 = np.log(p0)
+        out = _run(flow, t1=t1, log_y0=jnp.asarray(log_p0))
+        np.testing.assert_allclose(out.exponents, expected, atol=tol, rtol=0)
+        x = np.exp(-t1) * log_p0 - np.expm1(-t1) * s / T
+        np.testing.assert_allclose(out.log_p, x - scipy.special.logsumexp(x), atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------
 # 4. The flow map's Jacobian: QR of it, its determinant, its singular values
 
 
-def _check_against_flow_map(exponents, M, t1, tol):
-    """`exponents` (all of them, full frame) against the tangent flow map `M` written in
-    the fixed frame's coordinates."""
-    # Exact for the QR method whatever the intervals: the frames multiply, M Q0 = Q R.
-    log_r = np.log(np.abs(np.diag(np.linalg.qr(M)[1]))) / t1
-    np.testing.assert_allclose(exponents, np.sort(log_r)[::-1], atol=tol, rtol=0)
+def _check_against_flow_map(exponents, M, t1, tol, fixed_frame=True):
+    """`exponents` (all of them) against the tangent flow map `M` written in the fixed
+    frame's coordinates (`fixed_frame=False`: the run started from another frame, so
+    only what does not depend on it is checked)."""
+    if fixed_frame:
+        # Exact for the QR method whatever the intervals: the frames multiply,
+        # M Q0 = Q R with Q0 = I in these coordinates.
+        log_r = np.log(np.abs(np.diag(np.linalg.qr(M)[1]))) / t1
+        np.testing.assert_allclose(exponents, np.sort(log_r)[::-1], atol=tol, rtol=0)
     # The sum is the log-volume growth, log|det M| / t (any frame).
     np.testing.assert_allclose(
         np.sum(exponents), np.log(abs(np.linalg.det(M))) / t1, atol=tol, rtol=0
@@ -258,6 +271,11 @@ def test_flow_map_jacobian_with_history():
     out = _run(flow, t1=t1, y0=jnp.asarray(p0))
     assert out.exponents.shape == (5,)
     _check_against_flow_map(np.asarray(out.exponents), M, t1, tol)
+    # A random initial frame (same compile of the integration): the determinant and the
+    # singular-value bounds hold for every frame; the exponents themselves move by
+    # O(1/t) at this short horizon.
+    out = _run(flow, t1=t1, y0=jnp.asarray(p0), key=jax.random.key(0))
+    _check_against_flow_map(np.asarray(out.exponents), M, t1, tol, fixed_frame=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -316,14 +334,13 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="key"):
         rx.lyapunov_exponents(flow, t1=1.0, key=0)
     # A face that leaves fewer directions than `k`, at run time with the batch index
-    # (the compile of the (E) constant-logits test).
-    logits = jnp.array([1.0, 0.3, -0.5, 0.2, 0.0, 2.0])
-    with pytest.raises(Exception, match=r"`k=2` is more than .* batch index \(1,\)"):
+    # (the compile of the (R) constant-logits test, where `k=None` pads instead).
+    with pytest.raises(Exception, match=r"`k=5` is more than .* batch index \(1,\)"):
         _run(
-            rx.EntropicReplicator(logits, 0.7),
+            rx.Replicator(LOGITS, 0.7),
             t1=3.0,
-            y0=jnp.array([0.1, 0.2, 0.3, 0.15, 0.05, 0.2]),
-            support=rx.TopK(jnp.array([6, 2])),
-            k=2,
+            y0=Y0,
+            support=rx.TopK(jnp.array([6, 3])),
+            k=5,
             intervals=5,
         )
