@@ -93,7 +93,10 @@ def lyapunov_exponents(
     zero exponents.
 
     **The chart.** Lengths are Euclidean in these log coordinates. Finite-time exponents
-    depend on the coordinates (by `O(1/(t1 - t0))`); their limits `t1 → ∞` do not. For
+    depend on the coordinates and on the initial frame (by `O(1/(t1 - t0))`: at a
+    stable node, about `0.5/(t1 - t0)` in the tests, so three digits need `t1 - t0` of
+    order 10³); their limits `t1 → ∞` do not. To characterise an attractor, burn in
+    to it with `solve` first and start there. For
     constant logits the log chart makes them exact at every time: THEORY §5's
     sensitivities `∂p(t)/∂log p₀ = G(p(t))` for (R) and `e^{-t} G(p(t))` for (E) say
     that in log coordinates `S = I` for (R) and `S = e^{-t} I` for (E) (modulo
@@ -126,9 +129,11 @@ def lyapunov_exponents(
         the fixed frame above.
     - `solver`, `rtol`, `atol`, `max_steps`, `throw`: as in `rx.ODE`: a diffrax solver
         (`None`: `diffrax.Tsit5()`), the tolerances of a `diffrax.PIDController` on
-        the path and the frame together (dynamic), the step budget of each interval
-        (static) and whether to raise on a failed solve (else reported per row in
-        `result`).
+        the path and the frame together (dynamic; default `1e-8`: the frame's vectors
+        are kept at unit length as they are integrated, so these bound its error
+        relative to its size), the step budget of each interval (static) and whether
+        to raise on a failed solve (else reported per row in `result`, and those rows'
+        exponents are not meaningful).
 
     **Returns:**
 

@@ -246,36 +246,44 @@ def test_flow_map_jacobian_payoff():
     _check_against_flow_map(np.asarray(out.exponents), M, t1, tol)
 
 
+# (E) with logits and a fading frequency penalty (one stage), two contexts: the state is
+# (θ, c), the tangent space 2 + 3 directions (the history kept whole).
+S_HIST = np.array([1.0, -0.5, 0.3])
+ALPHAS, TAU, T_HIST = np.array([1.5, 0.5]), 0.7, 0.6
+P0_HIST = np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+
+
+def _history_flow(alphas):
+    penalty = rx.FrequencyPenalty(jnp.asarray(alphas), TAU)
+    return rx.EntropicReplicator(rx.Logits(jnp.asarray(S_HIST)) + penalty, T_HIST)
+
+
 def test_flow_map_jacobian_with_history():
-    # (E) with logits and a fading frequency penalty (one stage): the state is (θ, c),
-    # the tangent space 2 + 3 directions, the history kept whole.
     tol, t1 = 1e-6, 1.5
-    s = np.array([1.0, -0.5, 0.3])
-    alpha, tau, T = 1.5, 0.7, 0.6
-    p0 = np.array([0.2, 0.5, 0.3])
-
-    def field(t, x):
-        theta, c = x[:3], x[3:]
-        return np.concatenate(
-            [(s - alpha * c) / T - theta, (_softmax(theta) - c) / tau]
-        )
-
-    x0 = np.concatenate([np.log(p0), p0])  # the memory starts at p0
-    frame = np.zeros((6, 5))
-    frame[:3, :2] = _helmert(p0)
-    frame[3:, 2:] = np.eye(3)
-    M = frame.T @ _flow_map_jacobian(field, x0, t1) @ frame
-    flow = rx.EntropicReplicator(
-        rx.Logits(jnp.asarray(s)) + rx.FrequencyPenalty(jnp.float64(alpha), tau), T
+    out = _run(_history_flow(ALPHAS), t1=t1, y0=jnp.asarray(P0_HIST))
+    # A random initial frame (same compile: the frame is chosen on device): the
+    # determinant and the singular-value bounds hold for every frame; the exponents
+    # themselves move by O(1/t) at this short horizon.
+    out_key = _run(
+        _history_flow(ALPHAS), t1=t1, y0=jnp.asarray(P0_HIST), key=jax.random.key(0)
     )
-    out = _run(flow, t1=t1, y0=jnp.asarray(p0))
-    assert out.exponents.shape == (5,)
-    _check_against_flow_map(np.asarray(out.exponents), M, t1, tol)
-    # A random initial frame (same compile of the integration): the determinant and the
-    # singular-value bounds hold for every frame; the exponents themselves move by
-    # O(1/t) at this short horizon.
-    out = _run(flow, t1=t1, y0=jnp.asarray(p0), key=jax.random.key(0))
-    _check_against_flow_map(np.asarray(out.exponents), M, t1, tol, fixed_frame=False)
+    assert out.exponents.shape == (2, 5)
+    for row, (alpha, p0) in enumerate(zip(ALPHAS, P0_HIST, strict=True)):
+
+        def field(t, x, alpha=alpha):
+            theta, c = x[:3], x[3:]
+            return np.concatenate(
+                [(S_HIST - alpha * c) / T_HIST - theta, (_softmax(theta) - c) / TAU]
+            )
+
+        x0 = np.concatenate([np.log(p0), p0])  # the memory starts at p0
+        frame = np.zeros((6, 5))
+        frame[:3, :2] = _helmert(p0)
+        frame[3:, 2:] = np.eye(3)
+        M = frame.T @ _flow_map_jacobian(field, x0, t1) @ frame
+        _check_against_flow_map(np.asarray(out.exponents[row]), M, t1, tol)
+        exponents = np.asarray(out_key.exponents[row])
+        _check_against_flow_map(exponents, M, t1, tol, fixed_frame=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -283,24 +291,21 @@ def test_flow_map_jacobian_with_history():
 
 
 def test_batch_equals_loop():
-    # The history test's flow (its single-context compile) against a batch of two.
-    alpha = jnp.array([1.5, 0.5])
-    p0 = jnp.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
-    s = jnp.array([1.0, -0.5, 0.3])
-
-    def flow(i):
-        a = alpha if i is None else alpha[i]
-        return rx.EntropicReplicator(rx.Logits(s) + rx.FrequencyPenalty(a, 0.7), 0.6)
-
-    batch = _run(flow(None), t1=1.5, y0=p0)
-    assert batch.exponents.shape == (2, 5)
+    # Each row alone: its parameters and start repeated over a batch of the same shape
+    # (so that no other row is seen, and no compile is added), against the batch.
+    t1 = 1.5
+    batch = _run(_history_flow(ALPHAS), t1=t1, y0=jnp.asarray(P0_HIST))
     for i in range(2):
-        one = _run(flow(i), t1=1.5, y0=p0[i])
-        np.testing.assert_allclose(
-            batch.exponents[i], one.exponents, rtol=1e-12, atol=1e-12
+        alone = _run(
+            _history_flow(np.repeat(ALPHAS[i], 2)),
+            t1=t1,
+            y0=jnp.asarray(np.repeat(P0_HIST[i : i + 1], 2, axis=0)),
         )
-        np.testing.assert_allclose(batch.log_p[i], one.log_p, rtol=1e-12, atol=1e-12)
-        assert batch.stats["num_steps"][i] == one.stats["num_steps"]
+        for field in ("exponents", "log_p"):
+            np.testing.assert_allclose(
+                getattr(batch, field)[i], getattr(alone, field)[0], rtol=1e-12, atol=0
+            )
+        assert batch.stats["num_steps"][i] == alone.stats["num_steps"][0]
 
 
 def test_no_recompile_when_values_change():
