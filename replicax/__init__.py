@@ -28,6 +28,10 @@ from ._flows import (
     EntropicReplicator as EntropicReplicator,
     Replicator as Replicator,
 )
+from ._lyapunov import (
+    Lyapunov as Lyapunov,
+    lyapunov_exponents as lyapunov_exponents,
+)
 from ._methods import (
     AbstractMethod as AbstractMethod,
     Exact as Exact,
