@@ -19,6 +19,7 @@ from ._discrete import (
     entropic_mirror_map as entropic_mirror_map,
     multiplicative_weights as multiplicative_weights,
 )
+from ._flip import FlipMargin as FlipMargin, flip_margin as flip_margin
 from ._flows import (
     AbstractFlow as AbstractFlow,
     EntropicReplicator as EntropicReplicator,
