@@ -207,12 +207,6 @@ def test_batched_equals_per_row_and_no_recompile():
                     atol=1e-14,
                 )
     assert eqx.debug.get_num_traces(_flip._flip_rows) == traces
-    # And an unbatched context gives the same as its row.
-    flow = rx.Replicator(jnp.asarray(LOGITS[1]), jnp.asarray(TEMPERATURES[1]))
-    single = rx.flip_margin(flow, t1=1.5, rivals=2)
-    np.testing.assert_allclose(
-        float(single.margin), float(batched.margin[1]), rtol=1e-12
-    )
 
 
 def test_bad_arguments_name_themselves():
