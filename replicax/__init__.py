@@ -23,6 +23,7 @@ from ._equilibrium import (
     Equilibrium as Equilibrium,
     equilibrium as equilibrium,
 )
+from ._flip import FlipMargin as FlipMargin, flip_margin as flip_margin
 from ._flows import (
     AbstractFlow as AbstractFlow,
     EntropicReplicator as EntropicReplicator,
