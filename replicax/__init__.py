@@ -19,6 +19,7 @@ from ._discrete import (
     entropic_mirror_map as entropic_mirror_map,
     multiplicative_weights as multiplicative_weights,
 )
+from ._fit import Fit as Fit, fit as fit
 from ._flows import (
     AbstractFlow as AbstractFlow,
     EntropicReplicator as EntropicReplicator,
