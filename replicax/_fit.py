@@ -234,7 +234,13 @@ def fit(
                 f"its initial value must be > 0; received {x}. Start from a positive "
                 "value, or give `positive=False` for a signed parameter."
             )
-    target = _check_target(target)
+    # The selected parameters as strongly typed arrays of the compute dtype, so that a
+    # new initial value (a Python float, a numpy scalar) does not compile anew.
+    leaves, treedef = jtu.tree_flatten(flow)
+    for pos, x in zip(positions, values, strict=True):
+        leaves[pos] = jnp.asarray(x).astype(dtype)
+    flow = jtu.tree_unflatten(treedef, leaves)
+    target = _check_target(target, dtype)
     t0 = as_scalar(t0, "t0", dtype)
     t1 = as_scalar(t1, "t1", dtype)
     tol = check_scalar(as_scalar(tol, "tol", dtype), "tol", positive=True)
@@ -329,7 +335,7 @@ def _positive_flags(positive, count: int) -> list[bool]:
     )
 
 
-def _check_target(target: PyTree) -> PyTree:
+def _check_target(target: PyTree, dtype) -> PyTree:
     leaves = jtu.tree_leaves(target)
     if not leaves:
         raise ValueError("`target` must contain at least one array.")
@@ -352,7 +358,7 @@ def _check_target(target: PyTree) -> PyTree:
             host = as_numpy(x)
             if np.any(np.isnan(host) | (host == np.inf)):
                 raise ValueError("`target` must not contain NaN or +inf.")
-        out.append(x)
+        out.append(x.astype(dtype))
     return jtu.tree_unflatten(jtu.tree_structure(target), out)
 
 
