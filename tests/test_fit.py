@@ -180,11 +180,11 @@ def test_recovers_temperature_penalty_tau_and_signed_scale():
     # Two cases through one compiled fit: the temperature and the penalty strength
     # (the acceptance case), with the memory time constant (positive) and the
     # self-reinforcement strength (signed: `positive=False`, and negative in the second
-    # case) fitted alongside. The fit integrates with a fixed step of 0.05 (Tsit5,
-    # local error ~1e-9 here) against scipy at rtol 1e-12, so the targets differ from
-    # what the fit can produce by ~1e-8: the parameters are recovered to ~1e-6, and
-    # the acceptance tolerance 1e-3 is what is asserted.
-    RTOL = 1e-3
+    # case) fitted alongside. The fit integrates with a fixed step of 0.05 (Tsit5)
+    # against scipy at rtol 1e-12; the parameters come out within ~3e-9 of the truth
+    # (measured), so 1e-6 leaves room for other platforms and is still far inside the
+    # acceptance tolerance 1e-3.
+    RTOL = 1e-6
     method = rx.ODE(
         solver=diffrax.Tsit5(),
         stepsize_controller=diffrax.ConstantStepSize(),
