@@ -24,6 +24,7 @@ from ._equilibrium import (
     equilibrium as equilibrium,
 )
 from ._flip import FlipMargin as FlipMargin, flip_margin as flip_margin
+from ._fit import Fit as Fit, fit as fit
 from ._flows import (
     AbstractFlow as AbstractFlow,
     EntropicReplicator as EntropicReplicator,
