@@ -266,7 +266,46 @@ def check_lock_in(stdout):
     assert re.search(r"^wrote lock_in\.png$", stdout, re.MULTILINE)
 
 
+def check_sensitivity(stdout):
+    # The example's input, rebuilt: the flip margin of constant logits under (E) from
+    # uniform is half the gap between the two top logits (L∞), the token the argmax.
+    import replicax as rx
+
+    logits = np.asarray(rx.datasets.synthetic_logits(0, 8, 32_000), np.float64)
+    order = np.argsort(logits, axis=-1)
+    lines = re.findall(
+        r"^context (\d+): token (\d+) margin (\S+) half-gap \S+ rival (\d+) "
+        r"converged (\w+) rivals (.*)$",
+        stdout,
+        re.M,
+    )
+    assert len(lines) == 8
+    for i, token, margin, rival, converged, rivals in lines:
+        i = int(i)
+        top, second = order[i, -1], order[i, -2]
+        assert int(token) == top and int(rival) == second and converged == "True"
+        gap = logits[i, top] - logits[i, second]
+        assert abs(float(margin) - gap / 2) <= 1e-6 * gap
+        # Every rival's margin is its own half-gap, rivals by probability at t1.
+        pairs = [r.split(":") for r in rivals.split()]
+        assert [int(j) for j, _ in pairs] == list(order[i, -2:-6:-1])
+        for j, m in pairs:
+            assert abs(float(m) - (logits[i, top] - logits[i, int(j)]) / 2) <= 1e-5
+    # The equilibrium: p = softmax((s + beta p)/T) from the printed numbers, and the
+    # Jacobian formula's residual printed by the script.
+    beta, T = (float(x) for x in re.search(r"beta (\S+), T (\S+):", stdout).groups())
+    p = _floats(re.search(r"^equilibrium p: (.*)$", stdout, re.M).group(1))
+    s = _floats(re.search(r"^logits s: (.*)$", stdout, re.M).group(1))
+    z = (s + beta * p) / T
+    np.testing.assert_allclose(p, np.exp(z - z.max()) / np.exp(z - z.max()).sum(),
+                               rtol=1e-10)
+    error = float(re.search(r"\(I - beta G/T\)\^-1 G/T\| = (\S+)", stdout).group(1))
+    assert error <= 1e-10
+    assert "stable True" in stdout
+
+
 CHECKERS = {
+    "sensitivity.py": check_sensitivity,
     "quickstart.py": check_quickstart,
     "faces.py": check_faces,
     "loops.py": check_loops,
