@@ -161,20 +161,6 @@ def test_exact_path_every_parameter(getkey, flow_cls, support):
     assert len(checked) == 4  # logits, temperature, y0, t1
 
 
-def test_adaptive_ode_gradient_matches_exact(getkey):
-    """With constant scores the ODE path (adaptive steps, default adjoint) and the closed
-    form have the same derivative, to the tolerance of the solve."""
-    s = random_logits(getkey(), (3, VOCAB), scale=2.0)
-    y0 = random_simplex(getkey(), (3, VOCAB))
-    weights = jax.random.normal(getkey(), (3, 2, VOCAB), jnp.float64)
-    grads = []
-    for method in (rx.Exact(), rx.ODE(rtol=1e-11, atol=1e-11)):
-        params = (rx.EntropicReplicator(s, jnp.asarray(0.8)), y0, jnp.asarray(T1))
-        grads.append(jax.grad(_loss_fn(method, None, weights))(params))
-    for a, b in zip(jtu.tree_leaves(grads[0]), jtu.tree_leaves(grads[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-8)
-
-
 def test_backsolve_adjoint_on_the_replicator(getkey):
     """`diffrax.BacksolveAdjoint` (constant memory, a continuous adjoint) agrees with the
     default adjoint on (R) to the tolerance of the solves; it refuses `SaveAt(fn=...)`."""
