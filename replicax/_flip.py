@@ -415,9 +415,9 @@ def _nearest_flip(end_log_p, lane, face, dtype, options, rivals, forward) -> _Se
         from_value = jnp.where(s.started, new_value, value)
         from_grad = jnp.where(s.started, new_grad, grad)
         target, usable = project(from_delta, from_value, from_grad)
-        # At an exact tie of the top scores the closed forms differentiate to 0 for the
-        # tied tokens (their centred scores are exactly 0); the boundary of a constant
-        # score is exactly such a tie, so the last usable gradient stands in for it.
+        # Where the gradient at a boundary point is unusable (zero, or not finite), the
+        # last usable one stands in for it: boundaries of constant scores are exact ties
+        # of the top logits, where a derivative that loses the tie is easy to get wrong.
         fallback, usable_last = project(from_delta, from_value, s.grad_last)
         target = jnp.where(usable, target, fallback)
         from_grad = jnp.where(usable, from_grad, s.grad_last)
