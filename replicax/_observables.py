@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, Replicator
-from ._rows import prepare_rows, score_face, vmap_rows
+from ._rows import prepare_rows, refuse_explicit_sharding, score_face, vmap_rows
 from ._support import TopP
 from ._time_to import check_eps
 
@@ -306,6 +306,7 @@ def time_to(
         temperature_first=temperature_first,
         extra_batch_shapes=(jnp.shape(eps),),
     )
+    refuse_explicit_sharding(rows, "`rx.time_to`")
     eps = check_eps(eps, rows.dtype, rows.batch_shape)
     if not isinstance(bound, bool):
         raise TypeError(f"`bound` must be a bool; received {bound!r}.")

@@ -179,8 +179,73 @@ def vmap_rows(fn: Callable[..., PyTree], rows: Rows, *args) -> PyTree:
     `jit` (un-jitted, a vmapped closed form dispatches many small operations)."""
     row = rows.flat()
     args = [rows.broadcast(a) for a in args]
+    row, args = match_row_sharding((row, args))
     out = jax.vmap(fn)(row, *args)
     return jtu.tree_map(rows.unflatten, out)
+
+
+def _row_axis_spec(x) -> tuple[Any, Any]:
+    """`(mesh, spec of the leading axis)` of an array sharded over a mesh of explicit
+    axes, `(None, None)` otherwise."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not len(sharding.spec):
+        return None, None
+    return mesh, sharding.spec[0]
+
+
+def match_row_sharding(tree: PyTree) -> PyTree:
+    """Every array leaf of `tree` (leading axis: the rows) sharded along that axis as
+    the first leaf that is.
+
+    With explicit sharding (a `NamedSharding` over a mesh of `Explicit` axes, the
+    default of `jax.make_mesh`) `vmap` requires every mapped input to be sharded the same
+    way along the mapped axis. Logits sharded over the batch (data parallelism) meet
+    leaves built here (the face, a broadcast temperature) that are not: those are
+    resharded to the logits' batch sharding, their other axes kept as they are. Without a
+    leaf sharded along the rows nothing changes."""
+    leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_array(x) and x.ndim >= 1]
+    mesh = axis = None
+    for x in leaves:
+        mesh, axis = _row_axis_spec(x)
+        if axis is not None:
+            break
+    if axis is None:
+        return tree
+
+    def match(x):
+        if not (eqx.is_array(x) and x.ndim >= 1):
+            return x
+        x_mesh, x_axis = _row_axis_spec(x)
+        if x_axis == axis:
+            return x
+        rest = (None,) * (x.ndim - 1)
+        if x_mesh is not None:
+            spec = tuple(jax.typeof(x).sharding.spec)
+            rest = (spec + (None,) * x.ndim)[1 : x.ndim]
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis, *rest))
+        return jax.sharding.reshard(x, sharding)
+
+    return jtu.tree_map(match, tree)
+
+
+def refuse_explicit_sharding(rows: Rows, what: str) -> None:
+    """`NotImplementedError` now if an input of `rows` is sharded over a mesh of
+    explicit axes, for what cannot run on such inputs yet: nested solvers (diffrax,
+    optimistix) inside `vmap` over explicitly sharded rows fail in JAX 0.10."""
+    for x in jtu.tree_leaves((rows.flow, rows.start)):
+        if eqx.is_array(x) and x.ndim >= 1:
+            mesh, _ = _row_axis_spec(x)
+            spec = () if mesh is None else tuple(jax.typeof(x).sharding.spec)
+            if any(axis is not None for axis in spec):
+                raise NotImplementedError(
+                    f"{what} does not run yet on inputs sharded over a mesh of explicit "
+                    "axes (`jax.make_mesh`'s default); `rx.solve` with the closed forms "
+                    "(constant logits) does. Map it over your devices yourself with "
+                    "`jax.shard_map(..., in_specs=P('d'), out_specs=P('d'), "
+                    "check_vma=False)` (diffrax's loops start from values that do not "
+                    "vary over devices), or shard over a mesh of `AxisType.Auto` axes."
+                )
 
 
 def prepare_rows(

@@ -10,7 +10,14 @@ import jax.tree_util as jtu
 from jaxtyping import Array
 
 from .._custom_types import RealScalarLike
-from .._rows import as_scalar, check_scalar, floats_to_arrays, Row, Rows
+from .._rows import (
+    as_scalar,
+    check_scalar,
+    floats_to_arrays,
+    refuse_explicit_sharding,
+    Row,
+    Rows,
+)
 from .._saveat import SaveAt
 from .._solution import RESULTS
 from .base import AbstractMethod, RowSolution
@@ -114,6 +121,7 @@ class ODE(AbstractMethod):
             )
 
     def prepare(self, rows: Rows, saveat: SaveAt) -> "ODE":
+        refuse_explicit_sharding(rows, "The ODE path")
         if saveat.fn is not None and isinstance(self.adjoint, diffrax.BacksolveAdjoint):
             raise ValueError(
                 "`adjoint=diffrax.BacksolveAdjoint()` cannot differentiate through "

@@ -20,7 +20,7 @@ import optimistix as optx
 from jaxtyping import Array, Float, Int
 
 from .._custom_types import RealScalarLike
-from .._rows import Row, Rows
+from .._rows import refuse_explicit_sharding, Row, Rows
 from .._saveat import SaveAt
 from .._solution import RESULTS
 from .._support import AbstractThresholdSupport
@@ -102,6 +102,7 @@ class Switched(AbstractMethod):
 
     def prepare(self, rows: Rows, saveat: SaveAt) -> "Switched":
         del saveat
+        refuse_explicit_sharding(rows, "`rx.Switched`")
         supports = rows.supports
         if len(supports) != 1 or not isinstance(supports[0], AbstractThresholdSupport):
             names = ", ".join(type(s).__name__ for s in supports) or "none"
