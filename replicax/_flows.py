@@ -89,6 +89,19 @@ class AbstractFlow(eqx.Module):
         """`θ̇` of one context, centred (`<p, θ̇> = 0`, which keeps `logsumexp θ = 0`)
         and zero off the face."""
 
+    def state_rate(
+        self,
+        t: Float[Array, ""],
+        theta: Float[Array, " vocab"],
+        aux: PyTree,
+        face: Bool[Array, " vocab"],
+    ) -> tuple[Float[Array, " vocab"], PyTree]:
+        """`(θ̇, ċ)` of one context at log-weights `theta` and history `aux`: the full
+        field that the ODE method integrates and whose linearisation gives Lyapunov
+        exponents and the stability of rest points."""
+        log_p = self.readout(theta, face)
+        return self.log_rate(t, log_p, aux, face), self.score.aux_rate(t, log_p, aux)
+
     @abc.abstractmethod
     def closed_form(
         self,

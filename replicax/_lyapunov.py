@@ -20,7 +20,7 @@ from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
 from ._methods.ode import check_max_steps, tolerances
 from ._misc import error_if_rows, is_concrete
-from ._rows import Row, Rows, as_scalar, prepare_rows
+from ._rows import as_scalar, prepare_rows, refuse_explicit_sharding, Row, Rows
 from ._solution import RESULTS
 
 # `k=None` means every direction of the tangent space up to this dimension; above it the
@@ -150,6 +150,7 @@ def lyapunov_exponents(
     rows = prepare_rows(
         flow, y0=y0, log_y0=log_y0, support=support, temperature_first=temperature_first
     )
+    refuse_explicit_sharding(rows, "`rx.lyapunov_exponents`")
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
         raise ValueError(f"`k` must be an int >= 1 or None; received {k!r}.")
     if not isinstance(intervals, int) or isinstance(intervals, bool) or intervals < 1:
@@ -357,10 +358,7 @@ def _lyapunov_row(
 
     def field(t, y):
         theta, aux = unravel(y)
-        log_p = flow.readout(theta, face)
-        rate = flow.log_rate(t, log_p, aux, face)
-        aux_rate = flow.score.aux_rate(t, log_p, aux)
-        return ravel_pytree((rate, aux_rate))[0].astype(dtype)
+        return ravel_pytree(flow.state_rate(t, theta, aux, face))[0].astype(dtype)
 
     def augmented(t, state, args):
         del args

@@ -62,12 +62,20 @@ SCRIPT = textwrap.dedent(
             raise AssertionError("no error")
         except NotImplementedError as error:
             assert "shard_map" in str(error)
-        try:
-            rx.time_to(rx.EntropicReplicator(sharded, 0.7), eps=1e-3)
-            raise AssertionError("no error")
-        except NotImplementedError as error:
-            assert "time_to" in str(error)
-        print("ok ode and time_to refuse")
+        # So do the other entry points built on diffrax or optimistix.
+        for name, call in (
+            ("time_to", lambda: rx.time_to(rx.EntropicReplicator(sharded, 0.7), eps=1e-3)),
+            ("lyapunov_exponents", lambda: rx.lyapunov_exponents(flow, t1=1.0, k=2)),
+            ("equilibrium", lambda: rx.equilibrium(
+                rx.EntropicReplicator(rx.Logits(sharded) + rx.SelfReinforcement(1.0), 0.7)
+            )),
+        ):
+            try:
+                call()
+                raise AssertionError(f"no error from {name}")
+            except NotImplementedError as error:
+                assert name in str(error), (name, str(error))
+        print("ok ode, time_to, lyapunov_exponents and equilibrium refuse")
 
     def ode(s):
         flow = rx.Replicator(rx.Logits(s) + rx.FrequencyPenalty(0.3, tau=1.0), 0.7)

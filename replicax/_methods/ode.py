@@ -163,9 +163,9 @@ class ODE(AbstractMethod):
 
         def vector_field(t, y, args):
             flow, face = args
-            log_p, aux = split(y, args)
-            rate = flow.log_rate(t, log_p, aux, face)
-            return (rate, flow.score.aux_rate(t, log_p, aux)) if has_aux else rate
+            theta, aux = y if has_aux else (y, aux0)
+            rate, aux_rate = flow.state_rate(t, theta, aux, face)
+            return (rate, aux_rate) if has_aux else rate
 
         # Without `fn` the raw state is saved and read out afterwards: the same work, and
         # it lets adjoints that cannot save through a function (`BacksolveAdjoint`) run.

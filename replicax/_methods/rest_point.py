@@ -31,7 +31,15 @@ from jaxtyping import Array, Bool, Complex
 
 from .._custom_types import RealScalarLike
 from .._flows import AbstractFlow
-from .._rows import Row, Rows, as_scalar, check_scalar, floats_to_arrays, vmap_rows
+from .._rows import (
+    as_scalar,
+    check_scalar,
+    floats_to_arrays,
+    refuse_explicit_sharding,
+    Row,
+    Rows,
+    vmap_rows,
+)
 from .._saveat import SaveAt
 from .._scores import Logits
 from .._solution import RESULTS
@@ -163,6 +171,7 @@ class RestPoint(AbstractMethod):
     # -- rest points ------------------------------------------------------------------
 
     def prepare_rest_point(self, rows: Rows) -> "RestPoint":
+        refuse_explicit_sharding(rows, "`rx.equilibrium`")
         flow = rows.flow
         if flow.score.is_constant and _ignores_state(flow):
             raise ValueError(
@@ -276,13 +285,11 @@ class RestPoint(AbstractMethod):
             aux_flat, unravel = jnp.zeros((0,), log_p.dtype), None
 
         def field(x):
-            theta = x[:vocab]
             a = unravel(x[vocab:]) if has_aux else aux
-            lp = flow.readout(theta, face)
-            rate = flow.log_rate(t, lp, a, face)
+            rate, a_rate = flow.state_rate(t, x[:vocab], a, face)
             if not has_aux:
                 return rate
-            a_rate, _ = jfu.ravel_pytree(flow.score.aux_rate(t, lp, a))
+            a_rate, _ = jfu.ravel_pytree(a_rate)
             return jnp.concatenate([rate, a_rate.astype(rate.dtype)])
 
         n = jnp.sum(face).astype(log_p.dtype)
