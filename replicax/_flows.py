@@ -17,13 +17,15 @@ flow is one new class (see `tests/test_new_flow.py`).
 """
 
 import abc
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
-from ._misc import compute_dtype
+from ._misc import compute_dtype, python_scalar
 from ._scores import AbstractScore, Logits
 from ._time_to import entropic_time_to, replicator_time_to
 
@@ -50,7 +52,17 @@ class AbstractFlow(eqx.Module):
         if not isinstance(score, AbstractScore):
             score = Logits(score)
         self.score = score
-        if isinstance(temperature, int | float | np.ndarray | np.number):
+        if type(temperature) is float or type(temperature) is int:
+            # The common case (one Python number, e.g. in a decoding loop): checked here
+            # and converted once per value.
+            if not (math.isfinite(temperature) and temperature > 0):
+                raise ValueError(
+                    f"`temperature` must be finite and > 0; received {temperature}. "
+                    "Greedy decoding (T = 0) is the argmax, not a flow."
+                )
+            self.temperature = python_scalar(temperature)
+            return
+        if isinstance(temperature, np.ndarray | np.number):
             # Host values are checked now; device arrays are checked on device by
             # `solve` (reading them here would wait for the device).
             host = np.asarray(temperature, np.float64)

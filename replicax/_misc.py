@@ -1,5 +1,7 @@
 """Small internal helpers: dtypes, concreteness and error messages with batch indices."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,35 @@ def compute_dtype(dtype) -> jnp.dtype:
     if jnp.issubdtype(dtype, jnp.floating):
         return jnp.dtype(jnp.float32)
     return jnp.dtype(jnp.result_type(float))
+
+
+def python_scalar(x: float | int) -> Array:
+    """A Python number as a weakly typed JAX scalar, as `jnp.asarray(x)` makes it (a
+    float as the default float dtype, an int promoted to it). Cached per value: arrays are
+    immutable, and a decoding loop passes the same temperature at every token."""
+    return _python_scalar(type(x), x, jax.config.jax_enable_x64)
+
+
+def typed_scalar(x: float | int, dtype) -> Array:
+    """A Python number as a JAX scalar of `dtype`, cached per value as `python_scalar`."""
+    return _typed_scalar(type(x), x, jnp.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _typed_scalar(kind, x, dtype) -> Array:
+    del kind
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(x, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _python_scalar(kind, x, x64) -> Array:
+    del kind, x64  # part of the key only
+    with jax.ensure_compile_time_eval():
+        out = jnp.asarray(x)
+        if not jnp.issubdtype(out.dtype, jnp.floating):
+            out = out.astype(compute_dtype(out.dtype))
+    return out
 
 
 def is_concrete(x) -> bool:

@@ -27,7 +27,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
 from ._flows import AbstractFlow
-from ._misc import as_numpy, compute_dtype, error_if_rows, is_concrete
+from ._misc import as_numpy, compute_dtype, error_if_rows, is_concrete, typed_scalar
 from ._saveat import SaveAt
 from ._support import AbstractSupport, as_supports, face_of_row
 
@@ -383,7 +383,14 @@ def check_flow_values(flow: AbstractFlow, dtype) -> AbstractFlow:
 
 
 def as_scalar(x, name: str, dtype) -> Array:
-    """A scalar argument as an array of `dtype`; a host value is checked to be finite."""
+    """A scalar argument as an array of `dtype`; a host value is checked to be finite.
+
+    A Python number is checked in Python and converted once per value (this runs on
+    every call of `solve`)."""
+    if type(x) is float or type(x) is int:
+        if not math.isfinite(x):
+            raise ValueError(f"`{name}` must be finite; received {x}.")
+        return typed_scalar(x, dtype)
     x = jnp.asarray(x)
     if x.ndim != 0:
         raise ValueError(f"`{name}` must be a scalar; received shape {x.shape}.")
@@ -399,10 +406,13 @@ def check_scalar(
 ) -> Array:
     """Run-time check (for traced values) that a scalar is finite, and `> 0` (or `>= 0`)
     when asked; concrete values were checked by `as_scalar` and are checked here too."""
-    ok = jnp.isfinite(x)
+    # Concrete values are checked with numpy: under an outer trace, jnp operations on
+    # them would give tracers.
+    xp, value = (np, as_numpy(x)) if is_concrete(x) else (jnp, x)
+    ok = xp.isfinite(value)
     what = "finite"
     if positive:
-        ok &= (x >= 0) if allow_zero else (x > 0)
+        ok &= (value >= 0) if allow_zero else (value > 0)
         what = "finite and >= 0" if allow_zero else "finite and > 0"
     if is_concrete(x):
         if not bool(ok):
@@ -413,12 +423,17 @@ def check_scalar(
 
 def prepare_times(t0, t1, saveat: SaveAt, dtype):
     """`t0`, `t1` and the saved times as arrays of `dtype` (dynamic), checked."""
-    t0 = as_scalar(t0, "t0", dtype)
-    t1 = as_scalar(t1, "t1", dtype)
-    ts = None if saveat.ts is None else jnp.asarray(saveat.ts, dtype)
-    t0, t1, ts = _check_times(t0, t1, ts)
+    t0, t1, ts = prepare_time_values(t0, t1, saveat.ts, dtype)
     saveat = eqx.tree_at(lambda s: s.ts, saveat, ts, is_leaf=lambda x: x is None)
     return t0, t1, saveat
+
+
+def prepare_time_values(t0, t1, ts, dtype):
+    """`prepare_times` for the values alone: `(t0, t1, ts)` as arrays of `dtype`."""
+    t0 = as_scalar(t0, "t0", dtype)
+    t1 = as_scalar(t1, "t1", dtype)
+    ts = None if ts is None else jnp.asarray(ts, dtype)
+    return _check_times(t0, t1, ts)
 
 
 def _check_times(t0, t1, ts):

@@ -10,6 +10,7 @@ import abc
 from typing import ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -149,7 +150,8 @@ class Logits(AbstractScore):
     logits: Float[Array, "*batch vocab"]
 
     def __init__(self, logits: Float[ArrayLike, "*batch vocab"]):
-        logits = jnp.asarray(logits)
+        if not isinstance(logits, jax.Array):  # (a JAX array is kept: no dispatch)
+            logits = jnp.asarray(logits)
         if logits.ndim == 0:
             raise ValueError(
                 "`logits` must have shape (*batch, vocab); received a scalar."

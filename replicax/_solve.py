@@ -9,14 +9,17 @@ from typing import Any, Literal
 
 import diffrax
 import equinox as eqx
+import jax.tree_util as jtu
 from jaxtyping import ArrayLike, Float
 
 from ._custom_types import RealScalarLike
+from ._dispatch import cached_call, has_tracer
 from ._flows import AbstractFlow
 from ._methods import AbstractMethod, Exact, ODE
 from ._rows import (
     check_saveat_fn,
     prepare_rows,
+    prepare_time_values,
     prepare_times,
     Rows,
     saved_times,
@@ -25,6 +28,9 @@ from ._rows import (
 from ._saveat import SaveAt
 from ._solution import Trajectory
 
+
+# The default `saveat` (built once: a module is immutable, and building one costs).
+_SAVE_T1 = SaveAt(t1=True)
 
 # The keyword arguments of `solve` that configure `ODE` (shorthand for `method=ODE(...)`).
 _ODE_OPTIONS = (
@@ -103,6 +109,14 @@ def solve(
     A `Trajectory`: `log_p` of shape `(*batch, times, vocab)`, or `observables` when
     `SaveAt(fn=...)` is used.
 
+    **Per-call cost:** a direct call prepares its arguments in Python once per
+    *structure* (shapes, dtypes, kinds of score terms and supports, method, `saveat`);
+    later calls that differ only in values dispatch the compiled program directly, as a
+    decoding loop needs (`replicax bench` measures this overhead). Inside your own
+    `jax.jit` nothing is paid per call. Calls with ODE options or a method object holding
+    values (e.g. `rx.ODE(rtol=...)`) prepare on every call; wrap them in `jax.jit` in a
+    loop.
+
     **Raises:**
 
     `ValueError` / `TypeError` for bad arguments known when `solve` is called (naming the
@@ -111,7 +125,7 @@ def solve(
     message.
     """
     if saveat is None:
-        saveat = SaveAt(t1=True)
+        saveat = _SAVE_T1
     elif not isinstance(saveat, SaveAt):
         raise TypeError(
             f"`saveat` must be a `replicax.SaveAt`; received {type(saveat).__name__}."
@@ -128,11 +142,24 @@ def solve(
         progress_meter=progress_meter,
     )
     given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        cached = _solve_cached(
+            flow, t0, t1, y0, log_y0, saveat, support, temperature_first, method
+        )
+        if cached is not None:
+            return cached
     rows = prepare_rows(
         flow, y0=y0, log_y0=log_y0, support=support, temperature_first=temperature_first
     )
     method = _as_method(method, flow, given)
     t0, t1, saveat = prepare_times(t0, t1, saveat, rows.dtype)
+    return _solve_prepared(rows, method, t0, t1, saveat)
+
+
+def _solve_prepared(
+    rows: Rows, method: AbstractMethod, t0, t1, saveat: SaveAt
+) -> Trajectory:
+    """`solve` once the rows and times are prepared (times checked and made arrays)."""
     check_saveat_fn(saveat, rows, t0)
     method = method.prepare(rows, saveat)
     ts, out = _solve_rows(rows, method, t0, t1, saveat)
@@ -146,6 +173,44 @@ def solve(
         method=method.name,
         info=out.info,
     )
+
+
+def _solve_cached(
+    flow, t0, t1, y0, log_y0, saveat: SaveAt, support, temperature_first, method
+) -> Trajectory | None:
+    """`solve` through `cached_call` (the per-call overhead of a decoding loop), or
+    `None` for calls it does not take: with tracers, with options of the ODE path, or
+    with a method object that holds values (e.g. `rx.ODE(rtol=...)`)."""
+    if not isinstance(flow, AbstractFlow) or has_tracer((t0, t1, saveat.ts)):
+        return None
+    if not isinstance(method, str) and jtu.tree_leaves(method):
+        return None
+    key = (saveat.t0, saveat.t1, saveat.ts is None, saveat.fn, temperature_first, method)
+    args = (flow, y0, log_y0, support)
+
+    def first_call():
+        rows = prepare_rows(
+            flow, y0=y0, log_y0=log_y0, support=support, temperature_first=temperature_first
+        )
+        _as_method(method, flow, {})
+        return rows.dtype
+
+    def host_args(dtype):
+        return prepare_time_values(t0, t1, saveat.ts, dtype)
+
+    return cached_call(_solve_body, args, key, first_call, host_args)
+
+
+def _solve_body(key, args, t0, t1, ts) -> Trajectory:
+    """`solve` from prepared times (traced once per structure by `cached_call`)."""
+    save_t0, save_t1, _, fn, temperature_first, method = key
+    flow, y0, log_y0, support = args
+    rows = prepare_rows(
+        flow, y0=y0, log_y0=log_y0, support=support, temperature_first=temperature_first
+    )
+    method = _as_method(method, flow, {})
+    saveat = SaveAt(t0=save_t0, t1=save_t1, ts=ts, fn=fn)
+    return _solve_prepared(rows, method, t0, t1, saveat)
 
 
 def _as_method(method, flow: AbstractFlow, given: dict[str, Any]) -> AbstractMethod:
