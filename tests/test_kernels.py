@@ -7,6 +7,8 @@ custom JVP), not the Triton lowering, which only a GPU can compile. Sizes are ke
 (V = 300, 5 saved times, 3 rows) because the interpreter is slow to compile.
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -59,28 +61,27 @@ def _problem(rng, dtype, rows=3):
 
 
 def test_pallas_equals_jnp_reference():
+    # From a given start (the uniform start, which skips `x`, is checked against the
+    # default path of `rx.solve` below), with arbitrary `b` and an overflowed `a`.
     x, s, face, a, b = _problem(np.random.default_rng(0), jnp.float32)
 
     @jax.jit
     def both(x, s, face, a, b):
-        out = {}
-        for start in ("uniform", "given"):
-            x_ = None if start == "uniform" else x
-            for kernel in ("jnp", "pallas"):
-                out[start, kernel] = affine_trajectory(
-                    x_, s, face, a, b, kernel=kernel, interpret=True, block_v=BLOCK_V
-                )
-        return out
+        return [
+            affine_trajectory(
+                x, s, face, a, b, kernel=kernel, interpret=True, block_v=BLOCK_V
+            )
+            for kernel in ("jnp", "pallas")
+        ]
 
-    out = both(x, s, face, a, b)
-    for start in ("uniform", "given"):
-        assert out[start, "pallas"].dtype == jnp.float32
-        _assert_log_p_close(out[start, "pallas"], out[start, "jnp"], TOL[jnp.float32])
-        # A distribution at every time (a normaliser per time, not one per row).
-        mass = jnp.sum(jnp.exp(out[start, "pallas"]), axis=-1)
-        np.testing.assert_allclose(mass, 1, atol=1e-5)
+    ref, out = both(x, s, face, a, b)
+    assert out.dtype == jnp.float32
+    _assert_log_p_close(out, ref, TOL[jnp.float32])
+    # A distribution at every time (a normaliser per time, not one per row).
+    np.testing.assert_allclose(jnp.sum(jnp.exp(out), axis=-1), 1, atol=1e-5)
 
 
+@functools.cache
 def _solve_fn(flow_cls, uniform, kernel):
     """`(log p, gradients)` of `rx.solve` through the given kernel; the loss weights
     every finite log p, so its gradient reaches every token of the face and the
@@ -120,6 +121,29 @@ def _solve_fn(flow_cls, uniform, kernel):
     ],
 )
 def test_solve_pallas_equals_default_path(flow_cls, uniform, dtype):
+    args = _solve_problem(dtype)
+    ref, ref_grads = _solve_fn(flow_cls, uniform, "auto")(*args)
+    pallas = _solve_fn(flow_cls, uniform, "pallas")
+    out, grads = pallas(*args)
+    assert out.dtype == dtype
+    _assert_log_p_close(out, ref, TOL[dtype])
+    _assert_grads_close(grads, ref_grads, GRAD_TOL[dtype])
+    # New values of the temperature do not recompile (the kernel choice is static).
+    pallas(args[0], args[1] * 2, *args[2:])
+
+
+def test_solve_jnp_kernel_equals_default_path():
+    # The jnp reference as a method: the same expression as `flow.closed_form`, with
+    # every time's normaliser from one reduction; equal to rounding, gradients included.
+    # (The default path of this problem was compiled by the test above.)
+    args = _solve_problem(jnp.float64)
+    ref, ref_grads = _solve_fn(rx.EntropicReplicator, False, "auto")(*args)
+    out, grads = _solve_fn(rx.EntropicReplicator, False, "jnp")(*args)
+    _assert_log_p_close(out, ref, TOL[jnp.float64])
+    _assert_grads_close(grads, ref_grads, GRAD_TOL[jnp.float64])
+
+
+def _solve_problem(dtype):
     rng = np.random.default_rng(1)
     rows = 3
     logits = rng.normal(size=(rows, VOCAB)) * 3
@@ -129,19 +153,14 @@ def test_solve_pallas_equals_default_path(flow_cls, uniform, dtype):
     y0[:, 20:30] = 0.0  # a start that is not on every token
     y0 = y0 / y0.sum(axis=-1, keepdims=True)
     weights = rng.normal(size=(rows, 5, VOCAB))
-    args = [jnp.asarray(v, dtype) for v in (logits, [0.7, 1.3, 2.0], y0, weights)]
+    return [jnp.asarray(v, dtype) for v in (logits, [0.7, 1.3, 2.0], y0, weights)]
 
-    ref, ref_grads = _solve_fn(flow_cls, uniform, "auto")(*args)
-    pallas = _solve_fn(flow_cls, uniform, "pallas")
-    out, grads = pallas(*args)
-    assert out.dtype == dtype
-    _assert_log_p_close(out, ref, TOL[dtype])
+
+def _assert_grads_close(grads, ref_grads, tol):
     for g, g_ref in zip(grads, ref_grads, strict=True):
-        assert g.dtype == dtype
+        assert g.dtype == g_ref.dtype
         scale = np.max(np.abs(np.asarray(g_ref)))
-        np.testing.assert_allclose(g, g_ref, rtol=0, atol=GRAD_TOL[dtype] * scale)
-    # New values of the temperature do not recompile (the kernel choice is static).
-    pallas(args[0], args[1] * 2, *args[2:])
+        np.testing.assert_allclose(g, g_ref, rtol=0, atol=tol * scale)
 
 
 class _NoAffineReplicator(rx.Replicator):
@@ -168,3 +187,23 @@ def test_bad_kernel():
         rx.solve(
             _NoAffineReplicator(jnp.zeros(4)), t1=1.0, method=rx.Exact(kernel="pallas")
         )
+
+
+def test_kernels_lower_with_triton():
+    """The Pallas kernels (forward, and under `vmap` and `grad` as `rx.solve` uses them)
+    lower to Triton calls for a CUDA GPU, from this CPU host: every load, store and
+    operation is one the Triton lowering accepts (power-of-two blocks, masks). Compiling
+    the Triton IR to GPU code needs a GPU and is not checked here."""
+    x, s, face, a, b = _problem(np.random.default_rng(2), jnp.float32)
+
+    def loss(x, s, a, b):
+        one = functools.partial(affine_trajectory, kernel="pallas")
+        log_p = jax.vmap(one)(x, s, face, a, b)
+        return jnp.sum(jnp.where(jnp.isfinite(log_p), log_p, 0))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    lowered = jax.jit(grad).trace(x, s, a, b).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    # The two kernels, and no interpreter loop: the backward pass is plain jnp.
+    assert text.count("xla.gpu.triton") == 2
+    assert "stablehlo.while" not in text

@@ -22,7 +22,10 @@ Both are written for one context; a batch is `jax.vmap` of them, which Pallas tu
 an extra grid axis (one program per context and block). They use only what the Triton
 lowering accepts: power-of-two blocks, masked loads and stores where the vocabulary or
 the number of times is not a multiple of the block, float32 (or float64) accumulation.
-Off a GPU they run in Pallas's interpreter (`interpret=True`), which is slow.
+Lowered for a CUDA GPU they run as Triton kernels; on every other platform (CPU, TPU:
+the kernels use Triton's masked loads) in Pallas's interpreter, which is correct but
+slow. The choice is made when lowering (`lax.platform_dependent`), not from
+the default backend, so a program lowered for a GPU from a CPU host gets the kernels.
 
 Both kinds agree to rounding with `flow.closed_form`, which stays the definition: the
 same expression of `θ` (including how tokens tied at the maximum keep the derivative of
@@ -41,7 +44,8 @@ from jaxtyping import Array, Bool, Float
 KERNELS = ("jnp", "pallas")
 
 # Elements of the `(times, vocab)` tile one program holds: 8192 float32 is 64 registers
-# per thread at 4 warps, the size the Triton softmax and layer-norm examples work at.
+# per thread at 4 warps. A starting point, not a measurement: the benchmarks on a GPU
+# should tune this, `_BLOCKS_PER_PROGRAM` and `_NUM_WARPS`.
 _TILE = 8192
 # Blocks of the vocabulary that one program of the normaliser pass reads: enough work
 # per program, and enough programs (V / (8 block_v) per context) to fill the device.
@@ -65,7 +69,7 @@ def affine_trajectory(
     b: Float[Array, "*rows times"],
     *,
     kernel: str = "jnp",
-    interpret: bool = False,
+    interpret: bool | None = None,
     block_v: int | None = None,
 ) -> Float[Array, "*rows times vocab"]:
     """`log p(t)` at every time of `(a, b)`: `log_softmax(b x + a s)` on `face`, `-inf`
@@ -80,7 +84,9 @@ def affine_trajectory(
         `+inf`, then only the tokens at the maximum remain, as in `linear_closed_form`).
     - `kernel`: `"jnp"` (the reference: two XLA passes) or `"pallas"` (one pass for the
         normalisers, one for the write; see the module docstring).
-    - `interpret`: run the Pallas kernels in the interpreter (needed off a GPU; slow).
+    - `interpret`: `True` runs the Pallas kernels in the interpreter, `False` lowers
+        them with Triton; `None` (default) picks Triton when lowering for a CUDA GPU
+        and the interpreter elsewhere.
     - `block_v`: the block of the vocabulary, a power of two; default
         `default_block_v(vocab)`.
 
@@ -164,6 +170,19 @@ def _time_block(num_times_padded: int, block_v: int) -> int:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _fused(x, s, a, b, interpret, block_v):
     """`log_softmax(θ)` of one context by the two Pallas kernels."""
+    if interpret is not None:
+        return _fused_forward(x, s, a, b, interpret, block_v)
+    return lax.platform_dependent(
+        x,
+        s,
+        a,
+        b,
+        cuda=functools.partial(_fused_forward, interpret=False, block_v=block_v),
+        default=functools.partial(_fused_forward, interpret=True, block_v=block_v),
+    )
+
+
+def _fused_forward(x, s, a, b, interpret, block_v):
     vocab, times = s.shape[0], a.shape[0]
     dtype = s.dtype
     padded = pl.next_power_of_2(times)

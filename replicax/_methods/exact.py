@@ -35,9 +35,10 @@ class Exact(AbstractMethod):
         - `"jnp"`: the plain-jnp reference of the fused path: every normaliser from one
             reduction over the vocabulary, then one write of the `(times, vocab)` block.
         - `"pallas"`: the same as two Pallas kernels (one pass for all the normalisers,
-            an online logsumexp per saved time; one write pass), lowered with Triton on
-            a GPU. Elsewhere (CPU, TPU) they run in Pallas's interpreter, which is
-            correct but slow: use it there for testing only. Gradients (forward and
+            an online logsumexp per saved time; one write pass), lowered with Triton
+            when the program is lowered for a CUDA GPU. Elsewhere (CPU, TPU) they run
+            in Pallas's interpreter, which is correct but slow: use it there for
+            testing only. Gradients (forward and
             reverse mode) come from a JVP written in jnp on the saved output; no kernel
             runs in the backward pass.
 
@@ -102,7 +103,6 @@ class Exact(AbstractMethod):
                 a,
                 b,
                 kernel=self.kernel,
-                interpret=jax.default_backend() != "gpu",
                 block_v=self.block_v,
             ).astype(row.dtype)
             return RowSolution(log_p, None, None, no_steps(), RESULTS.successful)
