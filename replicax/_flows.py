@@ -129,6 +129,17 @@ class AbstractFlow(eqx.Module):
         once for all times: the centring keeps `log p₀` from being rounded away next to
         large scores, and from uniform the maximum of the log-weights is known (`0`)."""
 
+    def closed_form_coefficients(
+        self, dt: Float[Array, "*times"]
+    ) -> tuple[Float[Array, "*times"], Float[Array, "*times"]] | None:
+        """`(a, b)` such that `closed_form(dt, log_p0, s, face)` is
+        `log_softmax(b log p₀ + a s)` on the face (`a s` read as `0` where `s = 0`),
+        for a flow whose log-weights obey a linear ODE with constant scores; `None`
+        (the default) for a flow without such a closed form. Lets
+        `rx.Exact(kernel=...)` write a whole trajectory from one read of the scores."""
+        del dt
+        return None
+
     @abc.abstractmethod
     def limit_log_p(
         self,
@@ -228,6 +239,9 @@ class Replicator(AbstractFlow):
         coefficient = dt / self.temperature.astype(dt.dtype)
         return linear_closed_form(1, coefficient, log_p0, centred_scores, face)
 
+    def closed_form_coefficients(self, dt):
+        return dt / self.temperature.astype(dt.dtype), jnp.ones_like(dt)
+
     def limit_log_p(self, log_p0, scores, face):
         top = jnp.max(jnp.where(face, scores, -jnp.inf))
         winners = face & (scores == top)
@@ -263,6 +277,9 @@ class EntropicReplicator(AbstractFlow):
         # -expm1(-dt) = 1 - e^{-dt}, accurate for small dt.
         coefficient = -jnp.expm1(-dt) / self.temperature.astype(dt.dtype)
         return linear_closed_form(jnp.exp(-dt), coefficient, log_p0, centred_scores, face)
+
+    def closed_form_coefficients(self, dt):
+        return -jnp.expm1(-dt) / self.temperature.astype(dt.dtype), jnp.exp(-dt)
 
     def limit_log_p(self, log_p0, scores, face):
         temperature = self.temperature.astype(scores.dtype)
