@@ -590,6 +590,7 @@ class Suite:
                 cases=self.cases,
                 seed=self.seed,
                 sizes=[list(task) for task in self.tasks],
+                quick=self.quick,
                 memory_limit_bytes=self.memory_limit,
                 memory_limit_source=self.memory_limit_source,
             ),
@@ -953,7 +954,7 @@ class Suite:
             "baseline",
             **jitted,
         )
-        m = measure_direct(direct, None, (), self.repeats)
+        m = measure_direct(direct, inside, (s, t1), self.repeats, not self.quick)
         out = m.pop("out")
         err = _max_abs(np.exp(np.asarray(out[:1, -1], np.float64)), ref)
         self.add_row(
@@ -1160,6 +1161,14 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             "Memory marked * is XLA's plan for the same computation under one "
             "`jax.jit` (temp + output bytes), not a measured peak."
+        )
+    if st["quick"] and any(
+        r["memory_bytes"] is None and r["status"] == "ok" and r["kind"] != "floor"
+        for r in results["rows"]
+    ):
+        lines.append(
+            "With --quick, a direct call's memory (—) is not planned: it would cost "
+            "one more compilation."
         )
     if results["targets"]:
         lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
