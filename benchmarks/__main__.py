@@ -4,6 +4,5 @@ import sys
 
 from replicax._cli import main
 
-
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))
