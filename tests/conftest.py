@@ -45,6 +45,7 @@ def pytest_configure(config):
 # the long ones first keeps one worker from running a long file alone at the end.
 HEAVY_FIRST = (
     "test_gradients.py",
+    "test_bench.py",
     "test_transforms.py",
     "test_examples.py",
     "test_faces.py",

@@ -1,0 +1,1 @@
+"""The benchmark scripts of replicax; `python -m benchmarks` runs `replicax bench`."""
