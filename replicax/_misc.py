@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Bool, PyTree
 
@@ -62,7 +63,27 @@ def error_if_rows(
         index = jnp.minimum(first, count)
     else:
         index = first
-    return eqx.branched_error_if(x, jnp.any(flat), index, msgs)
+    any_bad = jnp.any(flat)
+    # The check is made on a scalar, not on `x`: XLA places the check's `cond` (a host
+    # callback) on one device, so an `x` sharded over several would be gathered there
+    # and split again ("involuntary full rematerialization"). `x` is then read through
+    # the checked flag, so that the check is not dropped as unused; the flag is false
+    # whenever the program goes on (`EQX_ON_ERROR=nan`: true, and `x` NaN, as equinox's
+    # own check would leave it).
+    flag = eqx.branched_error_if(any_bad, any_bad, index, msgs)
+    return jtu.tree_map(
+        lambda leaf: jnp.where(flag, _nan_like(leaf), leaf) if eqx.is_array(leaf) else leaf,
+        x,
+    )
+
+
+def _nan_like(x: Array) -> Array:
+    """What equinox's checks leave in place of `x` under `EQX_ON_ERROR=nan`."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.full((), jnp.nan, x.dtype)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return jnp.full((), jnp.iinfo(x.dtype).max, x.dtype)
+    return jnp.full((), True, x.dtype)
 
 
 def format_index(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
