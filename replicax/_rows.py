@@ -270,10 +270,12 @@ def refuse_explicit_sharding(rows: Rows, what: str) -> None:
                 raise NotImplementedError(
                     f"{what} does not run yet on inputs sharded over a mesh of explicit "
                     "axes (`jax.make_mesh`'s default); `rx.solve` with the closed forms "
-                    "(constant logits) does. Map it over your devices yourself with "
+                    "(constant logits) does. Map it over the batch yourself with "
                     "`jax.shard_map(..., in_specs=P('d'), out_specs=P('d'), "
                     "check_vma=False)` (diffrax's loops start from values that do not "
-                    "vary over devices), or shard over a mesh of `AxisType.Auto` axes."
+                    "vary over devices; each device needs whole rows, so reshard "
+                    "vocabulary-sharded inputs to `P('d', None)` first), or shard over "
+                    "a mesh of `AxisType.Auto` axes."
                 )
 
 
