@@ -5,7 +5,9 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
+from equinox.internal import unvmap_any, unvmap_max
 from jaxtyping import Array, Bool, PyTree
 
 
@@ -93,7 +95,68 @@ def error_if_rows(
         index = jnp.minimum(first, count)
     else:
         index = first
-    return eqx.branched_error_if(x, jnp.any(flat), index, msgs)
+    any_bad = jnp.any(flat)
+    # The check is made on a scalar flag, not on `x`, and `x` is read through the flag
+    # so that the check is not dropped as unused (the flag is false whenever the program
+    # goes on; under `EQX_ON_ERROR=nan` it is true and `x` NaN, as equinox leaves it).
+    flag = _checked_flag(any_bad, index, msgs, (x, bad))
+
+    def read(leaf):
+        return jnp.where(flag, _nan_like(leaf), leaf) if eqx.is_array(leaf) else leaf
+
+    return jtu.tree_map(read, x)
+
+
+def _checked_flag(any_bad, index, msgs, like) -> Array:
+    """`any_bad`, after a run-time check that raises `msgs[index]` if it is true.
+
+    On arrays sharded over a mesh of explicit axes the check runs on every device (under
+    `shard_map`). Left to XLA, the check's `cond` (a host callback) is placed on one
+    device: a sharded `x` passed through it would be gathered there and split again
+    ("involuntary full rematerialization"), and a failing check would leave the other
+    devices waiting at a collective until the process aborts."""
+    mesh = _explicit_mesh(like)
+    if mesh is None:
+        return eqx.branched_error_if(any_bad, any_bad, index, msgs)
+
+    def check(any_bad, index):
+        return eqx.branched_error_if(any_bad, any_bad, index, msgs)
+
+    # `shard_map` maps over devices only: a `vmap` around it is resolved first.
+    any_bad, index = unvmap_any(any_bad), unvmap_max(index)
+    replicated = jax.sharding.PartitionSpec()
+    return jax.shard_map(
+        check,
+        mesh=mesh,
+        in_specs=(replicated, replicated),
+        out_specs=replicated,
+        check_vma=False,
+    )(any_bad, index)
+
+
+def _explicit_mesh(tree: PyTree):
+    """The mesh an array leaf of `tree` lies on, if all the mesh's axes are explicit."""
+    for leaf in jtu.tree_leaves(tree):
+        if not eqx.is_array(leaf):
+            continue
+        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if (
+            mesh is not None
+            and not mesh.empty
+            and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+        ):
+            return mesh
+    return None
+
+
+def _nan_like(x: Array) -> float | int | bool:
+    """What equinox's checks leave in place of `x` under `EQX_ON_ERROR=nan`, as a Python
+    scalar (weakly typed: `x` keeps its dtype and weak type)."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return float("nan")
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return int(jnp.iinfo(x.dtype).max)
+    return True
 
 
 def format_index(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -132,9 +132,13 @@ class Rows(eqx.Module):
         face = alive
         if supports:
             logits = flow.score.constant_logits()
+            # A face sorts the vocabulary: each row is gathered onto the devices of its
+            # batch shard for it, and the face is split again as the logits are.
+            args = gather_within_rows((logits, flow.temperature, supports))
             kept = jax.vmap(face_of_row, in_axes=(0, 0, 0, None))(
-                logits, flow.temperature, supports, self.temperature_first
+                *match_row_sharding(args), self.temperature_first
             )
+            kept = reshard_like(kept, logits)
             kept = error_if_rows(
                 kept,
                 self.unflatten(~jnp.any(kept & (logits > -jnp.inf), axis=-1)),
@@ -229,6 +233,31 @@ def match_row_sharding(tree: PyTree) -> PyTree:
     return jtu.tree_map(match, tree)
 
 
+def gather_within_rows(tree: PyTree) -> PyTree:
+    """Every array leaf of `tree` (leading axis: the rows) with only that axis left
+    sharded: what sorts or scans a row (a face) needs the whole row on each device."""
+
+    def gather(x):
+        if not (eqx.is_array(x) and x.ndim >= 2):
+            return x
+        mesh, axis = _row_axis_spec(x)
+        if mesh is None or all(a is None for a in jax.typeof(x).sharding.spec[1:]):
+            return x
+        spec = jax.sharding.PartitionSpec(axis, *(None,) * (x.ndim - 1))
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+
+    return jtu.tree_map(gather, tree)
+
+
+def reshard_like(x: Array, like: Array) -> Array:
+    """`x` sharded as `like` (same shape) when `like` is sharded over a mesh of explicit
+    axes; `x` unchanged otherwise."""
+    mesh, _ = _row_axis_spec(like)
+    if mesh is None or jax.typeof(x).sharding == jax.typeof(like).sharding:
+        return x
+    return jax.sharding.reshard(x, jax.typeof(like).sharding)
+
+
 def refuse_explicit_sharding(rows: Rows, what: str) -> None:
     """`NotImplementedError` now if an input of `rows` is sharded over a mesh of
     explicit axes, for what cannot run on such inputs yet: nested solvers (diffrax,
@@ -241,10 +270,12 @@ def refuse_explicit_sharding(rows: Rows, what: str) -> None:
                 raise NotImplementedError(
                     f"{what} does not run yet on inputs sharded over a mesh of explicit "
                     "axes (`jax.make_mesh`'s default); `rx.solve` with the closed forms "
-                    "(constant logits) does. Map it over your devices yourself with "
+                    "(constant logits) does. Map it over the batch yourself with "
                     "`jax.shard_map(..., in_specs=P('d'), out_specs=P('d'), "
                     "check_vma=False)` (diffrax's loops start from values that do not "
-                    "vary over devices), or shard over a mesh of `AxisType.Auto` axes."
+                    "vary over devices; each device needs whole rows, so reshard "
+                    "vocabulary-sharded inputs to `P('d', None)` first), or shard over "
+                    "a mesh of `AxisType.Auto` axes."
                 )
 
 
