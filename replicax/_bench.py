@@ -389,6 +389,12 @@ def _replicax_path(s, ts):
     return rx.solve(flow, t1=ts[-1], saveat=rx.SaveAt(ts=ts)).log_p
 
 
+def _replicax_kernel_path(kernel, s, ts):
+    flow = rx.Replicator(s, TEMPERATURE)
+    method = rx.Exact(kernel=kernel)
+    return rx.solve(flow, t1=ts[-1], saveat=rx.SaveAt(ts=ts), method=method).log_p
+
+
 def _replicax_entropy(s, ts):
     flow = rx.Replicator(s, TEMPERATURE)
     return rx.solve(
@@ -707,6 +713,51 @@ class Suite:
             )
         else:
             self.no_fit("a", batch, vocab, name, "replicax", 3 * out_bytes)
+        if not self.quick and self.fits(3 * out_bytes):
+            self.case_a_variants(batch, vocab, s, ts, ref)
+
+    def case_a_variants(self, batch, vocab, s, ts, ref):
+        """The fused trajectory kernels (`rx.Exact(kernel=...)`: "jnp" everywhere,
+        "pallas" on a GPU only, where it is not interpreted) and bfloat16 logits (computed
+        in float32; error against float64 from the same bfloat16 values)."""
+        rows = ref.shape[0]
+        kernels = ["jnp"] + (["pallas"] if jax.default_backend() == "gpu" else [])
+        for kernel in kernels:
+            fn = functools.partial(_replicax_kernel_path, kernel)
+            m = measure_direct(functools.partial(fn, s, ts), fn, (s, ts), self.repeats)
+            out = m.pop("out")
+            err = _max_abs(np.exp(np.asarray(out[:rows], np.float64)), ref)
+            del out
+            entry = f"replicax rx.Exact(kernel={kernel!r})"
+            self.add_row(
+                "a", batch, vocab, entry, "replicax", error=err, error_kind="p",
+                steps=0, **m,
+            )
+            self.check(
+                f"a B={batch} V={vocab} kernel={kernel} max abs error in p",
+                err,
+                TOLERANCES["closed_form_p"],
+            )
+        half = s.astype(jnp.bfloat16)
+        ref_half = reference_p(
+            np.asarray(half[:rows], np.float64), np.asarray(ts, np.float64)
+        )
+        m = measure_direct(
+            functools.partial(_replicax_path, half, ts), _replicax_path, (half, ts),
+            self.repeats,
+        )
+        out = m.pop("out")
+        err = _max_abs(np.exp(np.asarray(out[:rows], np.float64)), ref_half)
+        del out
+        self.add_row(
+            "a", batch, vocab, "replicax, bfloat16 logits (float32 output)", "replicax",
+            error=err, error_kind="p", steps=0, **m,
+        )
+        self.check(
+            f"a B={batch} V={vocab} bfloat16 logits max abs error in p",
+            err,
+            TOLERANCES["closed_form_p"],
+        )
 
     # (b) ---------------------------------------------------------------------------
 
@@ -1003,7 +1054,10 @@ class Suite:
         for r in rows_of("a", "replicax"):
             pct = 100 / r["ratio_to_floor"]
             self.target(
-                f"a B={r['batch']} V={r['vocab']}: % of floor", pct, ">= 85%", pct >= 85
+                f"a B={r['batch']} V={r['vocab']} {r['entry']}: % of floor",
+                pct,
+                ">= 85%",
+                pct >= 85,
             )
         for r in rows_of("b", "replicax"):
             pct = 100 / r["ratio_to_floor"]
