@@ -3,13 +3,16 @@
 `replicax demo` runs both flows of THEORY §1 — the replicator (R) and the entropic
 replicator (E) — on a batch of next-token logits at a few temperatures, prints a table
 of what happens along the way and where each flow ends, and plots entropy and KL to
-`softmax(s/T)` against time.
+`softmax(s/T)` against time. `replicax check` measures each claim of THEORY §1 for both
+flows and says which holds (`_check.py`). `replicax trajectory` runs the flows on a
+`.npy` file of logits and writes the paths to an `.npz` file (and a plot).
 
 A thin layer over the public API: the library checks the values it is given, and its
 error messages are the ones the user reads.
 """
 
 import argparse
+import contextlib
 import math
 import re
 import sys
@@ -19,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 import replicax as rx
 
 from ._bench import bench_arguments, bench_main
+from ._check import check_arguments, check_main
 
 _DEFAULT_TEMPERATURES = (0.5, 0.7, 1.0, 1.5)
 _DEFAULT_OUT = "replicax-demo.png"  # argparse applies `type=Path` to it
@@ -86,6 +91,14 @@ _HELP = {
 }
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: a malformed option is reported in one line, as the
+    commands report bad values, instead of after the usage text."""
+
+    def error(self, message: str):  # pyright: ignore[reportIncompatibleMethodOverride]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="replicax",
@@ -95,7 +108,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action="version", version=f"replicax {rx.__version__}"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_SubcommandParser
+    )
     demo = commands.add_parser(
         "demo",
         help="run both flows on LLM-like logits; print a table and plot entropy and KL",
@@ -123,6 +138,39 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench_arguments(bench)
     bench.set_defaults(run=bench_main)
+    check = commands.add_parser(
+        "check",
+        help="measure each claim of THEORY §1 for both flows; print which holds",
+        description="Measure each claim about the replicator flow (the paper's) on "
+        "built-in synthetic logits, for the replicator (R) and the entropic replicator "
+        "(E), in float64, and print a table: the claim, whether it holds for each flow "
+        "(measured) with the measured error or gap, and the verdict of THEORY §1. Exit "
+        "status 0 when every measured verdict is the expected one, 1 otherwise.",
+    )
+    check_arguments(check)
+    check.set_defaults(run=check_main)
+    trajectory = commands.add_parser(
+        "trajectory",
+        help="run the flows on a .npy file of logits; write the paths to .npz, a PNG",
+        description="Run the replicator (R) and/or the entropic replicator (E) from "
+        "uniform on the logits of a .npy file, at one or more temperatures, optionally "
+        "on a top-k / top-p face (transformers' order: temperature, top-k, top-p), and "
+        "write the saved paths with their entropy and KL to softmax(s/T) to an .npz "
+        "file. " + _NPZ_KEYS,
+    )
+    add = trajectory.add_argument
+    add("--logits", metavar="PATH", type=Path, required=True, help=_TRAJ_HELP["logits"])
+    add("--out", metavar="NPZ", type=Path, required=True, help=_TRAJ_HELP["out"])
+    add("--temperatures", metavar="T", type=float, nargs="+", help=_HELP["T"])
+    add("--flow", default="both", help=_TRAJ_HELP["flow"])
+    add("--t1", type=float, default=8.0, help=_TRAJ_HELP["t1"])
+    add("--times", type=int, default=41, help=_TRAJ_HELP["times"])
+    add("--top-k", type=int, help=_TRAJ_HELP["top_k"])
+    add("--top-p", type=float, help=_TRAJ_HELP["top_p"])
+    add("--png", metavar="PNG", type=Path, help=_TRAJ_HELP["png"])
+    add("--no-log-p", action="store_true", help=_TRAJ_HELP["no_log_p"])
+    add("--x64", action="store_true", help=_TRAJ_HELP["x64"])
+    trajectory.set_defaults(run=_trajectory, temperatures=[1.0])
     return parser
 
 
@@ -300,3 +348,135 @@ def _format_table(rows: list[tuple], eps: float, t1: float) -> str:
     t_check = ", ".join(f"{t:g}" for t in _RESCALING_TIMES if t <= t1)
     notes = [note.format(eps=eps, t1=t1, t_check=t_check) for note in _FOOTNOTES]
     return "\n".join([*out, "", *notes])
+
+
+# `replicax trajectory`.
+
+_FLOW_CLASSES = {"R": rx.Replicator, "E": rx.EntropicReplicator}
+_FLOW_CHOICES = {"R": ("R",), "E": ("E",), "both": ("R", "E")}
+
+_NPZ_KEYS = (
+    "Keys of the .npz file (F is R or E, for each flow run; nT temperatures, B "
+    "contexts, N saved times, V tokens): ts (N,); temperatures (nT,); flows (the "
+    "names run); logits (B, V) as read; target_log_p (nT, B, V), log softmax(s/T) on "
+    "the face (-inf off it); F_log_p (nT, B, N, V), log p(t) (not with --no-log-p); "
+    "F_entropy (nT, B, N); F_kl (nT, B, N), KL(p(t) || softmax(s/T) on the face); "
+    "F_limit_log_p "
+    "(nT, B, V), the t -> inf limit (the argmax set for R, softmax(s/T) for E)."
+)
+
+_TRAJ_HELP = {
+    "logits": "a .npy file of logits, shape (V,) or (B, V), V >= 2; -inf masks a token",
+    "out": "the .npz file to write (its folder must exist)",
+    "flow": "R (replicator), E (entropic replicator) or both (default: %(default)s)",
+    "t1": "final time, > 0 (default: %(default)g)",
+    "times": "number of saved times, evenly spaced on [0, t1], >= 2 "
+    "(default: %(default)s)",
+    "top_k": "run on the face of the top-k tokens",
+    "top_p": "run on the top-p (nucleus) face of softmax(s/T), top_p in (0, 1]",
+    "png": "also plot entropy and KL against time (mean over contexts) to this PNG",
+    "no_log_p": "do not write the paths themselves (F_log_p), only the observables",
+    "x64": "compute in float64 (default: float32)",
+}
+
+
+def _trajectory(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    # Options are checked before the file is read and anything is computed.
+    if args.flow not in _FLOW_CHOICES:
+        raise ValueError(
+            f"--flow must be one of {', '.join(_FLOW_CHOICES)}; received {args.flow!r}."
+        )
+    temperatures = [float(t) for t in args.temperatures]
+    bad = [t for t in temperatures if not (math.isfinite(t) and t > 0)]
+    if bad:
+        raise ValueError(f"--temperatures must be finite and > 0; received {bad[0]:g}.")
+    if len(set(temperatures)) != len(temperatures):
+        raise ValueError(f"--temperatures has repeated values: {args.temperatures}.")
+    if not (math.isfinite(args.t1) and args.t1 > 0):
+        raise ValueError(f"--t1 must be finite and > 0; received {args.t1:g}.")
+    if args.times < 2:
+        raise ValueError(f"--times must be >= 2; received {args.times}.")
+    if args.out.suffix != ".npz":
+        raise ValueError(f"--out must name an .npz file; received {args.out}.")
+    for option, path in (("--out", args.out), ("--png", args.png)):
+        if path is not None and not path.parent.is_dir():
+            raise ValueError(f"{option}: folder {path.parent} does not exist.")
+    # The supports check their own values (`top_k` >= 1, `top_p` in (0, 1]).
+    support = []
+    if args.top_k is not None:
+        support.append(rx.TopK(args.top_k))
+    if args.top_p is not None:
+        support.append(rx.TopP(args.top_p))
+    logits = rx.datasets.load_logits(args.logits)
+    batch, vocab = logits.shape
+    names = _FLOW_CHOICES[args.flow]
+
+    # float32 unless asked: the library keeps the dtype of the logits it is given.
+    with jax.enable_x64(True) if args.x64 else contextlib.nullcontext():
+        dtype = np.float64 if args.x64 else np.float32
+        scores = logits.astype(dtype)
+        ts = np.linspace(0.0, args.t1, args.times, dtype=dtype)
+        results: dict[str, Any] = {
+            "ts": ts,
+            "temperatures": np.asarray(temperatures),  # as given
+            "flows": np.asarray(names),
+            "logits": logits,
+        }
+        per_flow: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
+        targets = []
+        for temperature in temperatures:
+            for name in names:
+                flow = _FLOW_CLASSES[name](scores, temperature)
+                out = _trajectory_arrays(flow, ts, support or None)
+                per_flow[name].append(jax.tree_util.tree_map(np.asarray, out))
+            targets.append(per_flow[names[0]][-1]["target_log_p"])
+    results["target_log_p"] = np.stack(targets)
+    keys = ("entropy", "kl", "limit_log_p") + (() if args.no_log_p else ("log_p",))
+    for name in names:
+        for key in keys:
+            results[f"{name}_{key}"] = np.stack([out[key] for out in per_flow[name]])
+    np.savez(args.out, **results)
+
+    face = ""
+    if support:
+        parts = [f"top-k {args.top_k}"] if args.top_k is not None else []
+        parts += [f"top-p {args.top_p:g}"] if args.top_p is not None else []
+        face = f", on the {' then '.join(parts)} face"
+    print(
+        f"replicax trajectory: {batch} context{'s' if batch != 1 else ''} x {vocab} "
+        f"tokens from {args.logits}; flows {', '.join(names)} at T = "
+        f"{', '.join(f'{t:g}' for t in temperatures)}{face}; {args.times} times on "
+        f"[0, {args.t1:g}], from uniform, {np.dtype(dtype).name}."
+    )
+    print(f"results written to {args.out} (keys: {', '.join(results)})")
+    if args.png is not None:
+        from .plot import plot_entropy_kl
+
+        curves = {
+            (name, temperature): {
+                "entropy": np.mean(out["entropy"], axis=0),
+                "kl": np.mean(out["kl"], axis=0),
+            }
+            for name in names
+            for temperature, out in zip(temperatures, per_flow[name], strict=True)
+        }
+        title = f"replicax trajectory: {args.logits.name}, {batch} x {vocab}{face}"
+        path = plot_entropy_kl(ts, curves, args.png, title=title)
+        print(f"plot written to {path}")
+    print(f"wall time: {time.perf_counter() - start:.1f} s (including JAX compilation)")
+    return 0
+
+
+@eqx.filter_jit
+def _trajectory_arrays(flow, ts, support):
+    # One compilation per flow class and face (the temperature is dynamic).
+    log_p = rx.solve(flow, t1=ts[-1], saveat=rx.SaveAt(ts=ts), support=support).log_p
+    target = rx.target_log_p(flow, support=support)
+    return {
+        "log_p": log_p,
+        "entropy": rx.entropy(log_p),
+        "kl": rx.kl(log_p, target[:, None]),
+        "target_log_p": target,
+        "limit_log_p": rx.limit_log_p(flow, support=support),
+    }
