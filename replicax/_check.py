@@ -214,7 +214,12 @@ class Result:
 
 
 def check_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the options of `replicax check` to `parser`."""
+    """Adds the options of `replicax check` to `parser`.
+
+    The defaults are the problem the verdicts are made for. Very small problems can make
+    a claim that fails in general hold by coincidence (e.g. a top-p set of one token,
+    where both flows end on that token), and the command then reports the mismatch.
+    """
     add = parser.add_argument
     add(
         "--seed",
@@ -233,7 +238,9 @@ def check_arguments(parser: argparse.ArgumentParser) -> None:
         "--vocab",
         type=int,
         default=DEFAULT_VOCAB,
-        help="vocabulary size, >= 2 (default: %(default)s)",
+        help="vocabulary size, >= 2 (default: %(default)s); with a few tokens only, "
+        "a claim that fails in general can hold by coincidence (a top-p set of one "
+        "token)",
     )
 
 

@@ -109,8 +109,12 @@ def _log_softmax(x):
 
 
 def _entropy(log_p):
-    p = np.exp(log_p)
-    return -np.sum(np.where(p > 0, p * log_p, 0), axis=-1)
+    return -np.sum(np.exp(log_p) * _finite(log_p), axis=-1)
+
+
+def _finite(log_p):
+    # log p with 0 in place of -inf (masked tokens, where p log p = 0).
+    return np.where(np.isfinite(log_p), log_p, 0)
 
 
 def test_trajectory_npz_and_png(tmp_path, capsys):
@@ -161,9 +165,10 @@ def test_trajectory_npz_and_png(tmp_path, capsys):
                 _entropy(reference_log_p),
                 atol=TRAJECTORY_OBSERVABLE_ATOL,
             )
-            p = np.exp(reference_log_p)
             kl = np.sum(
-                np.where(p > 0, p * (reference_log_p - target[:, None]), 0), axis=-1
+                np.exp(reference_log_p)
+                * (_finite(reference_log_p) - _finite(target[:, None])),
+                axis=-1,
             )
             np.testing.assert_allclose(
                 results[f"{name}_kl"][i], kl, atol=TRAJECTORY_OBSERVABLE_ATOL
