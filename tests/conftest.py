@@ -58,6 +58,7 @@ HEAVY_FIRST = (
     "test_kernels.py",
     "test_dispatch.py",
     "test_adapter.py",
+    "test_cli_check.py",
     "test_properties.py",
     "test_analysis.py",
     "test_switched.py",
