@@ -25,6 +25,7 @@ from ._equilibrium import (
 )
 from ._flip import FlipMargin as FlipMargin, flip_margin as flip_margin
 from ._fit import Fit as Fit, fit as fit
+from ._generate import Generation as Generation, generate as generate
 from ._flows import (
     AbstractFlow as AbstractFlow,
     EntropicReplicator as EntropicReplicator,
