@@ -107,12 +107,12 @@ class _Params(eqx.Module):
     """The values (dynamic: new values do not recompile)."""
 
     flow: Callable = eqx.field(static=True)
-    temperature: Float[Array, "*batch"]
+    temperature: Float[Array, "*temperature_rows"]
     t1: Float[Array, ""]
     supports: tuple
-    repetition_penalty: Float[Array, "*batch"]
-    presence_penalty: Float[Array, "*batch"]
-    frequency_penalty: Float[Array, "*batch"]
+    repetition_penalty: Float[Array, "*repetition_rows"]
+    presence_penalty: Float[Array, "*presence_penalty_rows"]
+    frequency_penalty: Float[Array, "*frequency_penalty_rows"]
     eps: Float[Array, ""] | None
 
 
@@ -177,9 +177,9 @@ def _banned_ngrams(history, length, n, vocab):
 # One step
 
 
-def _step_distribution(params, config, logits, supports):
+def _step_distribution(params, config, logits, temperature, supports):
     """`log p` at `t1` (or the limit) of the flow built on `logits`."""
-    flow = params.flow(logits, params.temperature)
+    flow = params.flow(logits, temperature)
     if not isinstance(flow, AbstractFlow):
         raise TypeError(
             "`flow` must be a flow class (e.g. `rx.EntropicReplicator`) or a function "
@@ -233,8 +233,21 @@ def _step(params, config, carry, logits, t, x):
             carry.history, length, config.no_repeat_ngram_size, config.vocab_size
         )
         penalised = jnp.where(banned, -jnp.inf, penalised)
-    flow, log_p = _step_distribution(params, config, penalised, supports)
-    _, log_q = _step_distribution(params, config, logits, supports)
+    # The penalised and the unpenalised flows run as one batch of twice the rows (one
+    # flow in the program instead of two: half the compile time).
+    batch = logits.shape[0]
+    twice = lambda x: jnp.concatenate([x, x]) if x.ndim else x  # noqa: E731
+    temperature = params.temperature
+    if temperature.ndim:
+        temperature = twice(jnp.broadcast_to(temperature, (batch,)))
+    doubled = tuple(
+        jtu.tree_map(twice, s.broadcast_batch((batch,))) if s.batch_shape else s
+        for s in supports
+    )
+    _, both = _step_distribution(
+        params, config, jnp.concatenate([penalised, logits]), temperature, doubled
+    )
+    log_p, log_q = both[:batch], both[batch:]
 
     if config.choice == "greedy":
         token = jnp.argmax(log_p, axis=-1)
@@ -248,7 +261,7 @@ def _step(params, config, carry, logits, t, x):
     records = dict(log_prob=chosen, entropy=entropy(log_p), kl=kl(log_p, log_q))
     if config.with_time_to:
         records["time_to"] = time_to(
-            flow,
+            params.flow(penalised, params.temperature),
             params.eps,
             support=supports or None,
             temperature_first=config.temperature_first,
@@ -514,15 +527,15 @@ def generate(
     *,
     max_new_tokens: int,
     flow: Callable[..., AbstractFlow] = EntropicReplicator,
-    temperature: float | Float[ArrayLike, "*batch"] = 1.0,
+    temperature: float | int | Float[ArrayLike, "*temperature_rows"] = 1.0,
     t1: RealScalarLike | None = None,
     support: Any = None,
     temperature_first: bool = True,
     key: PRNGKeyArray | None = None,
     targets: Int[ArrayLike, "batch steps"] | None = None,
-    repetition_penalty: float | Float[ArrayLike, "*batch"] = 1.0,
-    presence_penalty: float | Float[ArrayLike, "*batch"] = 0.0,
-    frequency_penalty: float | Float[ArrayLike, "*batch"] = 0.0,
+    repetition_penalty: float | int | Float[ArrayLike, "*repetition_rows"] = 1.0,
+    presence_penalty: float | int | Float[ArrayLike, "*presence_penalty_rows"] = 0.0,
+    frequency_penalty: float | int | Float[ArrayLike, "*frequency_penalty_rows"] = 0.0,
     no_repeat_ngram_size: int = 0,
     attention_mask: Bool[ArrayLike, "batch prompt"]
     | Int[ArrayLike, "batch prompt"]
@@ -794,7 +807,9 @@ def _check_flow(params, config, batch):
     logits = jax.ShapeDtypeStruct((batch, config.vocab_size), config.dtype)
     try:
         jax.eval_shape(
-            lambda p, s: _step_distribution(p, config, s, p.supports)[1], params, logits
+            lambda p, s: _step_distribution(p, config, s, p.temperature, p.supports)[1],
+            params,
+            logits,
         )
     except ValueError as error:
         if config.to_limit and "constant score" in str(error):

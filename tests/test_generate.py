@@ -14,6 +14,8 @@ import replicax as rx
 import replicax._generate as _generate
 
 VOCAB, HIDDEN = 12, 8
+# Under `jax.jit` the failed check may reach us wrapped by the callback (a ValueError).
+RUNTIME_ERRORS = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError, ValueError)
 
 # Tolerances (float64). Log-probabilities, entropies and KLs are the same closed forms
 # computed in a different order: agreement to rounding.
@@ -21,6 +23,9 @@ RECORD_RTOL, RECORD_ATOL = 1e-10, 1e-12
 # Central differences with step `FD_STEP` (relative): truncation ~ h² and rounding
 # ~ 1e-16 / h, both far below the acceptance tolerance of 1e-4.
 FD_STEP, FD_RTOL = 1e-6, 1e-4
+# `rx.time_to` is a bisection on the log of the distance, run to about machine precision
+# in time (measured: the KL at the returned time is eps to 8e-13 relative).
+TIME_TO_RTOL = 1e-9
 
 
 class TinyRNN(eqx.Module):
@@ -43,6 +48,19 @@ class TinyRNN(eqx.Module):
 
         h, _ = jax.lax.scan(cell, h, tokens.T)
         return h @ self.out, h
+
+
+def numpy_rnn(model):
+    """The same model in numpy: `(tokens, h) -> (logits, h)` on host arrays."""
+    embed, weight, out = (np.asarray(x) for x in (model.embed, model.weight, model.out))
+
+    def logits_fn(tokens, h):
+        h = np.array(h)
+        for column in np.asarray(tokens).T:
+            h = np.tanh(h @ weight + embed[column])
+        return h @ out, h
+
+    return logits_fn
 
 
 def _model_and_prompt():
@@ -89,14 +107,9 @@ def reference(
     history = [list(row) for row in prompt]
     generated = [[] for _ in range(batch)]
     out = dict(tokens=[], log_p=[], log_q=[], penalised=[])
-    embed, weight, out_w = (
-        np.asarray(x) for x in (model.embed, model.weight, model.out)
-    )
+    numpy_model = numpy_rnn(model)
     for t in range(steps):
-        h = np.array(h0)
-        for position in range(len(history[0])):  # the whole prefix, rerun
-            h = np.tanh(h @ weight + embed[[row[position] for row in history]])
-        raw = h @ out_w
+        raw, _ = numpy_model(np.array(history), h0)  # the whole prefix, rerun
         s = raw.copy()
         for b in range(batch):
             seen = {tok for tok, keep in zip(history[b], mask[b], strict=False) if keep}
@@ -110,10 +123,11 @@ def reference(
                 for tok in _ngram_bans(history[b], ngram):
                     s[b, tok] = -np.inf
 
-        def warp(x):  # TemperatureLogitsWarper, then TopKLogitsWarper
-            x = x / temperature
+        def warp(x):  # TemperatureLogitsWarper, then TopKLogitsWarper (per row)
+            x = x / np.reshape(temperature, (-1, 1))
             if top_k is not None:
-                kth = np.sort(x, axis=-1)[:, -top_k][:, None]
+                k = np.broadcast_to(top_k, (batch,))
+                kth = np.sort(x, axis=-1)[np.arange(batch), -k][:, None]
                 x = np.where(x < kth, -np.inf, x)
             return x - scipy.special.logsumexp(x, axis=-1, keepdims=True)
 
@@ -166,13 +180,9 @@ def test_greedy_with_penalties_equals_reference():
     assert np.any(plain["tokens"] != ref["tokens"])
     assert gen.repeated_ngrams.shape == (3,)
 
-    # The host loop (a model that is not JAX: numpy in, numpy out): the same tokens.
-    def numpy_model(tokens, h):
-        logits, h = model(jnp.asarray(np.asarray(tokens)), jnp.asarray(h))
-        return np.asarray(logits), np.asarray(h)
-
+    # The host loop, with a model that is not JAX (numpy in, numpy out): same tokens.
     host = rx.generate(
-        numpy_model, prompt, h0, max_new_tokens=steps, jit=False, **options
+        numpy_rnn(model), prompt, h0, max_new_tokens=steps, jit=False, **options
     )
     np.testing.assert_array_equal(host.tokens, gen.tokens)
     np.testing.assert_allclose(host.log_prob, gen.log_prob, rtol=RECORD_RTOL)
@@ -220,14 +230,13 @@ def test_sampling_equals_reference_and_records():
     assert finite.sum() > 10  # most steps keep the same top-k face
     np.testing.assert_allclose(gen.kl[finite], kl[finite], **close)
     assert np.all(np.isinf(np.asarray(gen.kl)[~finite]))
-    # time to eps: rx.time_to on each step's flow, built from the reference's logits.
-    flat = ref["penalised"].reshape(-1, VOCAB)
-    direct = rx.time_to(
-        rx.EntropicReplicator(flat, temperature), eps, support=rx.TopK(6)
-    )
-    np.testing.assert_allclose(
-        np.asarray(gen.time_to).reshape(-1), direct, rtol=1e-8
-    )
+    # Time to eps: from uniform on the face, (E) is at softmax((1 - e^{-t}) s'/T)
+    # (THEORY §1); at the recorded time its KL to softmax(s'/T) is eps.
+    x = ref["log_p"] - np.max(ref["log_p"], axis=-1, keepdims=True)  # s'/T + const
+    t = np.asarray(gen.time_to)[..., None]
+    with np.errstate(invalid="ignore"):  # -inf * (1 - e^{-t}) off the face
+        at_t = scipy.special.log_softmax(-np.expm1(-t) * x, axis=-1)
+    np.testing.assert_allclose(_kl(at_t, ref["log_p"]), eps, rtol=TIME_TO_RTOL)
 
     # Same key: same tokens. New values of every dynamic argument: no new trace.
     traces = eqx.debug.get_num_traces(_generate._generate_scan)
@@ -248,9 +257,11 @@ def test_sampling_equals_reference_and_records():
 
 def test_replicator_at_time_one_samples_softmax():
     """From uniform, (R) passes softmax(s/T) at t = 1 (THEORY §1): sampling at t1 = 1
-    equals the reference's softmax sampling with the same draws."""
+    equals the reference's softmax sampling with the same draws. Temperature and top-k
+    are given one per row."""
     model, prompt, h0 = _model_and_prompt()
     steps, key = 8, jax.random.key(3)
+    temperature, top_k = np.array([0.6, 0.9, 1.3]), np.array([3, 5, VOCAB])
     gen = rx.generate(
         model,
         prompt,
@@ -259,12 +270,21 @@ def test_replicator_at_time_one_samples_softmax():
         key=key,
         flow=rx.Replicator,
         t1=1.0,
-        temperature=0.6,
+        temperature=jnp.asarray(temperature),
+        support=rx.TopK(jnp.asarray(top_k)),
         save_log_p=True,
     )
     keys = jax.random.split(key, steps)
     uniforms = [np.asarray(jax.random.uniform(k, (3,), jnp.float64)) for k in keys]
-    ref = reference(model, prompt, h0, steps, temperature=0.6, uniforms=uniforms)
+    ref = reference(
+        model,
+        prompt,
+        h0,
+        steps,
+        temperature=temperature,
+        top_k=top_k,
+        uniforms=uniforms,
+    )
     np.testing.assert_array_equal(gen.tokens, ref["tokens"])
     np.testing.assert_allclose(
         np.exp(gen.log_p), np.exp(ref["log_p"]), rtol=1e-9, atol=RECORD_ATOL
@@ -355,6 +375,16 @@ def test_differentiable_mode_matches_finite_differences_and_loop_detector():
         2 * FD_STEP
     )
     np.testing.assert_allclose(float(along), fd, rtol=FD_RTOL)
+
+    # Traced values out of range are refused at run time, naming the argument.
+    bad = [(0, -0.5, "`temperature` must be finite and > 0"),
+           (1, 0.0, "`repetition_penalty` must be finite and > 0"),
+           (4, -1.0, "`t1` must be finite and >= 0")]
+    for i, value, match in bad:
+        wrong = list(args)
+        wrong[i] = value
+        with pytest.raises(RUNTIME_ERRORS, match=match):
+            jax.block_until_ready(value_and_grad(*wrong, model))
 
 
 def test_bad_arguments():
