@@ -194,6 +194,24 @@ def _step_distribution(params, config, logits, temperature, supports):
     return flow, log_p.astype(config.dtype)
 
 
+def _both_distributions(params, config, penalised, logits):
+    """The step's distribution and the unpenalised one. They run as one batch of twice
+    the rows: one flow in the program instead of two, half the compile time."""
+    batch = logits.shape[0]
+    twice = lambda x: jnp.concatenate([x, x]) if x.ndim else x  # noqa: E731
+    temperature = params.temperature
+    if temperature.ndim:
+        temperature = twice(jnp.broadcast_to(temperature, (batch,)))
+    doubled = tuple(
+        jtu.tree_map(twice, s.broadcast_batch((batch,))) if s.batch_shape else s
+        for s in params.supports
+    )
+    _, both = _step_distribution(
+        params, config, jnp.concatenate([penalised, logits]), temperature, doubled
+    )
+    return both[:batch], both[batch:]
+
+
 def _inverse_cdf(log_p, u):
     """The first token whose cumulative probability exceeds `u` (tokens of probability
     0 are never chosen; rounding that leaves the total below `u` picks the last token
@@ -233,21 +251,7 @@ def _step(params, config, carry, logits, t, x):
             carry.history, length, config.no_repeat_ngram_size, config.vocab_size
         )
         penalised = jnp.where(banned, -jnp.inf, penalised)
-    # The penalised and the unpenalised flows run as one batch of twice the rows (one
-    # flow in the program instead of two: half the compile time).
-    batch = logits.shape[0]
-    twice = lambda x: jnp.concatenate([x, x]) if x.ndim else x  # noqa: E731
-    temperature = params.temperature
-    if temperature.ndim:
-        temperature = twice(jnp.broadcast_to(temperature, (batch,)))
-    doubled = tuple(
-        jtu.tree_map(twice, s.broadcast_batch((batch,))) if s.batch_shape else s
-        for s in supports
-    )
-    _, both = _step_distribution(
-        params, config, jnp.concatenate([penalised, logits]), temperature, doubled
-    )
-    log_p, log_q = both[:batch], both[batch:]
+    log_p, log_q = _both_distributions(params, config, penalised, logits)
 
     if config.choice == "greedy":
         token = jnp.argmax(log_p, axis=-1)
@@ -587,8 +591,11 @@ def generate(
     - `max_new_tokens`: the number of tokens to generate (static; no end-of-sequence
         stop: every row gets exactly this many).
     - `flow`: a flow class (`rx.EntropicReplicator`, default, or `rx.Replicator`) or a
-        function `flow(logits, temperature) -> flow` (e.g. adding a score term); it is
-        given the penalised logits `(batch, vocab)` of the step.
+        function `flow(logits, temperature) -> flow` (e.g. adding a score term). It is
+        given the step's penalised logits stacked on its unpenalised ones (for `kl`),
+        shape `(2 batch, vocab)`, and the temperature (a scalar, or one per row of
+        that stack): per-row parameters of its own must be tiled likewise
+        (`jnp.concatenate([beta, beta])`); scalars need nothing.
     - `temperature`: `T > 0`, a scalar or one per row. Dynamic.
     - `t1`: the time each step's flow runs to, finite and `>= 0` (dynamic), or `None` /
         `inf` (default): its limit (static choice; constant scores only).
@@ -807,9 +814,7 @@ def _check_flow(params, config, batch):
     logits = jax.ShapeDtypeStruct((batch, config.vocab_size), config.dtype)
     try:
         jax.eval_shape(
-            lambda p, s: _step_distribution(p, config, s, p.temperature, p.supports)[1],
-            params,
-            logits,
+            lambda p, s: _both_distributions(p, config, s, s), params, logits
         )
     except ValueError as error:
         if config.to_limit and "constant score" in str(error):
