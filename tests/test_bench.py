@@ -68,7 +68,7 @@ def test_failed_check_gives_nonzero_exit(quick, tmp_path, monkeypatch, capsys):
     del quick
     monkeypatch.setitem(_bench.TOLERANCES, "closed_form_p", 0.0)
     path = tmp_path / "bench.json"
-    options = ["--cases", "a", "--batch", "1", "--vocab", "4096", "--repeats", "1"]
+    options = ["--quick", "--cases", "a", "--batch", "1", "--vocab", "4096", "--repeats", "1"]
     code = main(["bench", *options, "--json", str(path)])
     assert code == 1
     results = json.loads(path.read_text())
