@@ -22,6 +22,7 @@ step function, so they give the same tokens.
 """
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -372,20 +373,43 @@ _step_jit = eqx.filter_jit(eqx.debug.assert_max_traces(_step, max_traces=None))
 _finish_jit = eqx.filter_jit(_finish)
 
 
-def _generate_host(logits_fn, config, params, prompt, mask, state, xs):
+def _progress_bar(progress, steps):
+    """A tqdm bar over the steps of the host loop, or `None`. `progress=None`: only
+    when stderr is a terminal and tqdm is installed; `True`: tqdm is required."""
+    if progress is False:
+        return None
+    if progress is None and not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError as error:
+        if progress is None:
+            return None
+        raise ImportError(
+            "`progress=True` needs tqdm: `pip install tqdm` (or the `bench` extra)."
+        ) from error
+    return tqdm(total=steps, desc="rx.generate", unit="token", file=sys.stderr)
+
+
+def _generate_host(logits_fn, config, params, prompt, mask, state, xs, progress):
     logits, state = logits_fn(prompt, state)
     carry = _init_jit(config, prompt, mask, config.dtype)
     tokens, records = [], []
     ts = jnp.arange(config.steps)  # the step indices of the scan, with their dtype
-    for t in range(config.steps):
-        x = None if xs is None else xs[t]
-        logits = jnp.asarray(logits)
-        carry, token, record = _step_jit(
-            params, config, carry, logits, ts[t], x
-        )
-        logits, state = logits_fn(token[:, None], state)
-        tokens.append(token)
-        records.append(record)
+    bar = _progress_bar(progress, config.steps)
+    try:
+        for t in range(config.steps):
+            x = None if xs is None else xs[t]
+            logits = jnp.asarray(logits)
+            carry, token, record = _step_jit(params, config, carry, logits, ts[t], x)
+            logits, state = logits_fn(token[:, None], state)
+            tokens.append(token)
+            records.append(record)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     stacked = jtu.tree_map(lambda *r: jnp.stack(r), *records)
     return _finish_jit(config, jnp.stack(tokens, axis=1), stacked, state)
 
@@ -550,6 +574,7 @@ def generate(
     loop_ngram_size: int = 3,
     loop_window: int | None = None,
     jit: bool = True,
+    progress: bool | None = None,
 ) -> Generation:
     """Decodes `max_new_tokens` tokens; each is drawn from a flow run on that step's
     penalised logits.
@@ -638,6 +663,10 @@ def generate(
         (`logits_fn` must be JAX). `False`: a Python loop calls `logits_fn` eagerly and
         runs each step's penalties, flow and choice in one jitted function (compiled
         once, reused at every step); the same tokens as `jit=True`.
+    - `progress`: with `jit=False`, a tqdm progress bar over the steps on stderr.
+        `None` (default): shown only when stderr is a terminal and tqdm is installed;
+        `True`: always (tqdm required: `pip install tqdm`); `False`: never. Ignored
+        with `jit=True` (one compiled loop has no steps to report).
 
     **Returns:**
 
@@ -655,6 +684,8 @@ def generate(
     steps = _check_int(max_new_tokens, "max_new_tokens", 1)
     if not isinstance(jit, bool):
         raise TypeError(f"`jit` must be a bool; received {jit!r}.")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"`progress` must be a bool or None; received {progress!r}.")
     flags = (("temperature_first", temperature_first), ("save_log_p", save_log_p))
     for name, value in flags:
         if not isinstance(value, bool):
@@ -805,7 +836,9 @@ def generate(
         config, params = build(vocab, logits_dtype)
         _check_flow(params, config, batch)
         return _generate_scan(logits_fn, config, params, prompt, mask, state, xs)
-    return _generate_host_checked(logits_fn, build, prompt, mask, state, xs, batch)
+    return _generate_host_checked(
+        logits_fn, build, prompt, mask, state, xs, batch, progress
+    )
 
 
 def _check_flow(params, config, batch):
@@ -825,7 +858,9 @@ def _check_flow(params, config, batch):
         raise
 
 
-def _generate_host_checked(logits_fn, build, prompt, mask, state, xs, batch):
+def _generate_host_checked(
+    logits_fn, build, prompt, mask, state, xs, batch, progress
+):
     """`jit=False`: the model is called for real once here to learn its vocabulary."""
     logits, state0 = logits_fn(prompt, state)
     logits = jnp.asarray(logits)
@@ -847,7 +882,7 @@ def _generate_host_checked(logits_fn, build, prompt, mask, state, xs, batch):
             return first.pop()
         return logits_fn(tokens, state)
 
-    return _generate_host(replay, config, params, prompt, mask, state, xs)
+    return _generate_host(replay, config, params, prompt, mask, state, xs, progress)
 
 
 __all__ = ["Generation", "generate"]

@@ -304,7 +304,78 @@ def check_sensitivity(stdout):
     assert "stable True" in stdout
 
 
+def _repeated_ngrams(tokens, n):
+    # Positions whose n-gram already occurred at an earlier position.
+    grams = [tuple(tokens[j : j + n]) for j in range(len(tokens) - n + 1)]
+    return sum(g in grams[:j] for j, g in enumerate(grams))
+
+
+def _cycle_length(tokens, window):
+    # The smallest period p <= window // 2 of the last `window` tokens, else 0.
+    tail = tokens[len(tokens) - window :]
+    for p in range(1, window // 2 + 1):
+        if all(tail[i] == tail[i - p] for i in range(p, window)):
+            return p
+    return 0
+
+
+def check_real_model(stdout):
+    # THEORY §1 on a real decoding loop: (R) at t = 1 passes (E)'s limit softmax(s/T)
+    # (float64 round-off of the two closed forms); (R) later is sharper, entropy below
+    # (E)'s at every step; KL >= 0. The loop detector is recounted from the tokens.
+    PASS_ATOL = 1e-6
+    m = _line(stdout, r"^model: .*TopK\((\d+)\).*vocab (\d+)$")
+    top_k, vocab = int(m.group(1)), int(m.group(2))
+    m = _line(stdout, r"^\(R\) at t1 = 1 vs \(E\) limit: max \|p_R - p_E\| = (\S+)$")
+    assert float(m.group(1)) <= PASS_ATOL
+    sections = re.split(r"\n\nprompt \d+: ", stdout)[1:]
+    assert len(sections) == 3, stdout
+    for section in sections:
+        fields = dict(
+            line.split(": ", 1) for line in section.splitlines()[1:] if ": " in line
+        )
+        tokens = _sizes(fields["tokens"])
+        assert tokens and all(0 <= t < vocab for t in tokens)
+        entropy_e = _floats(fields["entropy E"])
+        entropy_r = _floats(fields["entropy R(t1=3)"])
+        kl = _floats(fields["KL(R(t1=3) || E)"])
+        assert len(entropy_e) == len(entropy_r) == len(kl) == len(tokens)
+        assert np.all((entropy_e >= 0) & (entropy_e <= np.log(top_k) + 1e-4))
+        assert np.all(entropy_r < entropy_e) and np.all(kl > 0)
+        m = re.match(
+            r"repeated trigrams (\d+), cycle length (\d+)$", fields["loop detector"]
+        )
+        assert m, section
+        assert int(m.group(1)) == _repeated_ngrams(tokens, 3)
+        assert int(m.group(2)) == _cycle_length(tokens, len(tokens))
+    assert re.search(r"^wrote real_model\.png$", stdout, re.MULTILINE)
+
+
+def check_paper_claims(stdout):
+    # The verdicts are THEORY §1's table (the claims list of `replicax check`); each
+    # printed verdict line must equal the table's "measured" column and THEORY's.
+    from replicax._check import CLAIMS
+
+    verdicts = dict(
+        re.findall(r"^claim (\w+): (R (?:holds|fails), E (?:holds|fails))$", stdout,
+                   re.MULTILINE)
+    )
+    assert list(verdicts) == [c.key for c in CLAIMS], stdout
+    for claim in CLAIMS:
+        expected = (
+            f"R {'holds' if claim.holds_r else 'fails'}, "
+            f"E {'holds' if claim.holds_e else 'fails'}"
+        )
+        assert verdicts[claim.key] == expected, claim.key
+    rows = [line for line in stdout.splitlines() if line.strip().endswith(" ok")]
+    assert len(rows) == len(CLAIMS), stdout
+    assert "MISMATCH" not in stdout
+    assert re.search(r"^agrees with THEORY: True$", stdout, re.MULTILINE)
+
+
 CHECKERS = {
+    "real_model.py": check_real_model,
+    "paper_claims.py": check_paper_claims,
     "sensitivity.py": check_sensitivity,
     "quickstart.py": check_quickstart,
     "faces.py": check_faces,

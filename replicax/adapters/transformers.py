@@ -12,6 +12,13 @@ Two entry points:
 - `TransformersLogits(model, tokenizer)`: a callable
     `(tokens, attention_mask) -> logits` for a decoding loop, which reuses the model's
     key/value cache when a call extends the tokens of the previous one.
+- `TransformersLogits.as_logits_fn(attention_mask)` (or `logits_fn(model, ...)`): the
+    model as `rx.generate`'s `logits_fn(tokens, state) -> (logits, state)`, with the
+    tokens so far and the mask in the state, and `state0` to start from:
+
+        ids, mask = rxt.encode(tokenizer, prompts)
+        fn, state0 = rxt.TransformersLogits(model).as_logits_fn(mask)
+        out = rx.generate(fn, ids, state0, jit=False, attention_mask=mask, ...)
 
 Neither PyTorch nor transformers is imported by `import replicax`; this module imports
 PyTorch when first called, and says which extra to install when it is missing.
@@ -19,7 +26,7 @@ PyTorch when first called, and says which extra to install when it is missing.
 
 import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -467,3 +474,80 @@ class TransformersLogits:
                 self._input_ids, self._attention_mask = input_ids, attention_mask
                 self._cache = cache
             return _finish(logits, self.dtype)
+
+    def as_logits_fn(
+        self, attention_mask: Any = None
+    ) -> tuple[Callable[[Any, Any], tuple[Array, Any]], Any]:
+        """This model as the `logits_fn` of `rx.generate` (with `jit=False`).
+
+        `rx.generate` calls its model as `logits_fn(tokens, state) -> (logits, state)`:
+        first on the whole prompt, then on one new token per row. The function returned
+        here keeps in its state the tokens so far and their attention mask (the
+        prompt's mask, then a 1 per generated token), and calls this object on them, so
+        that the key/value cache serves every step after the first. The cache is
+        dropped now (`reset()`): a new loop starts from scratch.
+
+        **Arguments:**
+
+        - `attention_mask`: the prompt's mask, 0/1 of shape `(batch, prompt)` (as
+            `encode` returns it), or `None` for unpadded prompts. Pass the same mask to
+            `rx.generate(..., attention_mask=mask)` for its repetition penalty.
+
+        **Returns:**
+
+        `(logits_fn, state0)`: use as `rx.generate(logits_fn, input_ids, state0,
+        jit=False, attention_mask=attention_mask, ...)`. The state is the pair
+        `(tokens, attention_mask)` of int64 NumPy arrays (`tokens` is `None` in
+        `state0`); the final state in `Generation.state` holds the prompt and every
+        generated token.
+        """
+        self.reset()
+        torch = self._forward.torch
+        if attention_mask is not None:
+            attention_mask = _host_ints(torch, attention_mask, "attention_mask")
+
+        def logits_fn(tokens, state):
+            previous, mask = state
+            tokens = _host_ints(torch, tokens, "tokens")
+            if previous is not None:
+                tokens = np.concatenate([previous, tokens], axis=1)
+            if mask is None:
+                mask = np.ones_like(tokens)
+            elif mask.shape[1] < tokens.shape[1]:
+                new = tokens.shape[1] - mask.shape[1]
+                mask = np.concatenate([mask, np.ones((len(mask), new), np.int64)], 1)
+            return self(tokens, mask), (tokens, mask)
+
+        return logits_fn, (None, attention_mask)
+
+
+def logits_fn(
+    model: Any,
+    tokenizer: Any = None,
+    attention_mask: Any = None,
+    *,
+    dtype: Any = None,
+    use_cache: bool = True,
+) -> tuple[Callable[[Any, Any], tuple[Array, Any]], Any]:
+    """A causal LM as the `logits_fn` of `rx.generate`, with its initial state.
+
+    Shorthand for `TransformersLogits(model, tokenizer, dtype=dtype,
+    use_cache=use_cache).as_logits_fn(attention_mask)`:
+
+        ids, mask = rxt.encode(tokenizer, prompts)
+        fn, state0 = rxt.logits_fn(model, tokenizer, mask)
+        out = rx.generate(fn, ids, state0, jit=False, attention_mask=mask,
+                          max_new_tokens=20, key=jax.random.key(0))
+
+    **Arguments:**
+
+    - `model`, `tokenizer`, `dtype`, `use_cache`: as for `TransformersLogits`.
+    - `attention_mask`: the prompt's 0/1 mask, `(batch, prompt)`, or `None` for
+        unpadded prompts.
+
+    **Returns:**
+
+    `(logits_fn, state0)` (see `TransformersLogits.as_logits_fn`).
+    """
+    adapter = TransformersLogits(model, tokenizer, dtype=dtype, use_cache=use_cache)
+    return adapter.as_logits_fn(attention_mask)
