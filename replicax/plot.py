@@ -505,6 +505,7 @@ def plot_phase_portrait(
     t1: float = 30.0,
     times: int = 600,
     rest_points: bool = True,
+    method: Any = "auto",
     corner_labels: Any = ("token 0", "token 1", "token 2"),
     title: str | None = None,
     path: str | os.PathLike | None = None,
@@ -525,6 +526,7 @@ def plot_phase_portrait(
     - `starts`: starts of the paths, probabilities of shape `(paths, 3)`; default three
         points; an empty array for none.
     - `t1`, `times`: the paths run on `[0, t1]`, saved at `times` points.
+    - `method`: passed to `rx.solve` for the paths (e.g. `rx.ODE(rtol=1e-8)`).
     - `rest_points`: search rest points from the starts and a few more; skipped for
         flows without isolated rest points.
     - `corner_labels`, `title`, `path`, `ax`: as in `plot_ternary`.
@@ -584,7 +586,9 @@ def plot_phase_portrait(
     fig.colorbar(arrows, ax=ax, shrink=0.7, label="speed ‖ṗ‖ (Fisher–Rao)")
     if len(starts):
         ts = jnp.linspace(0.0, t1, times)
-        sol = solve(flow, t1=t1, y0=jnp.asarray(starts), saveat=SaveAt(ts=ts))
+        sol = solve(
+            flow, t1=t1, y0=jnp.asarray(starts), saveat=SaveAt(ts=ts), method=method
+        )
         paths = simplex_xy(np.exp(np.asarray(sol.log_p)))
         for r in range(paths.shape[0]):
             ax.plot(

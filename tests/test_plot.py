@@ -75,6 +75,11 @@ def test_ternary_top_two_and_rest(tmp_path):
     np.testing.assert_allclose(line.get_xydata(), plot.simplex_xy(corners), atol=1e-9)
     texts = {t.get_text() for t in fig.axes[0].texts}
     assert {"token 1", "token 3", "rest"} <= texts
+    # three chosen tokens of five: the distribution conditioned on them
+    fig = plot.plot_ternary(log_p, tokens=(0, 1, 4))
+    (line,) = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == len(ts)]
+    kept = p[:, [0, 1, 4]] / p[:, [0, 1, 4]].sum(-1, keepdims=True)
+    np.testing.assert_allclose(line.get_xydata(), plot.simplex_xy(kept), atol=1e-9)
 
 
 def test_observables(tmp_path):
