@@ -639,8 +639,10 @@ def generate(
         row. Dynamic.
     - `no_repeat_ngram_size`: `n >= 1` bans repeated n-grams; `0` = off (static).
     - `attention_mask`: `(batch, prompt)`, true (or 1) at real prompt tokens; the
-        repetition penalty ignores the others (left padding), as transformers does. The
-        n-gram rule sees every token, as transformers'. It is not passed to the model:
+        repetition penalty ignores the others (left padding). transformers' own
+        repetition penalty counts the pad token as seen; leave `attention_mask` out to
+        get its behaviour (`tests/test_agreement.py` does). The n-gram rule sees every
+        token, as transformers'. It is not passed to the model:
         put what the model needs of it in `state`.
     - `counts`: `"tokens"` (default): the penalties count the chosen tokens.
         `"expected"`: the **differentiable mode**: they count the step distributions
