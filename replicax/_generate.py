@@ -348,9 +348,20 @@ def _finish(config, tokens, records, state):
     )
 
 
+# The progress bars of the running jitted loops: a host callback per step updates the
+# newest one (`progress=True` with `jit=True`).
+_BARS: list[Any] = []
+
+
+def _tick(step):
+    del step
+    if _BARS:
+        _BARS[-1].update(1)
+
+
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)  # counts traces for the no-recompile test
-def _generate_scan(logits_fn, config, params, prompt, mask, state, xs):
+def _generate_scan(logits_fn, config, params, prompt, mask, state, xs, progress=False):
     logits, state = logits_fn(prompt, state)
     carry = _init(config, prompt, mask, config.dtype)
 
@@ -359,6 +370,8 @@ def _generate_scan(logits_fn, config, params, prompt, mask, state, xs):
         t, x = scan_in
         carry, token, records = _step(params, config, carry, logits, t, x)
         logits, state = logits_fn(token[:, None], state)
+        if progress:
+            jax.debug.callback(_tick, t)
         return (carry, logits, state), (token, records)
 
     ts = jnp.arange(config.steps)
@@ -665,10 +678,10 @@ def generate(
         (`logits_fn` must be JAX). `False`: a Python loop calls `logits_fn` eagerly and
         runs each step's penalties, flow and choice in one jitted function (compiled
         once, reused at every step); the same tokens as `jit=True`.
-    - `progress`: with `jit=False`, a tqdm progress bar over the steps on stderr.
+    - `progress`: a tqdm progress bar over the steps on stderr (with `jit=True`, updated
+        by a host callback at each step of the scan, which then waits for the result).
         `None` (default): shown only when stderr is a terminal and tqdm is installed;
-        `True`: always (tqdm required: `pip install tqdm`); `False`: never. Ignored
-        with `jit=True` (one compiled loop has no steps to report).
+        `True`: always (tqdm required: `pip install tqdm`); `False`: never.
 
     **Returns:**
 
@@ -837,7 +850,18 @@ def generate(
     if jit:
         config, params = build(vocab, logits_dtype)
         _check_flow(params, config, batch)
-        return _generate_scan(logits_fn, config, params, prompt, mask, state, xs)
+        bar = _progress_bar(progress, config.steps)
+        if bar is None:
+            return _generate_scan(logits_fn, config, params, prompt, mask, state, xs)
+        _BARS.append(bar)
+        try:
+            out = _generate_scan(
+                logits_fn, config, params, prompt, mask, state, xs, progress=True
+            )
+            return jax.block_until_ready(out)
+        finally:
+            _BARS.remove(bar)
+            bar.close()
     return _generate_host_checked(
         logits_fn, build, prompt, mask, state, xs, batch, progress
     )

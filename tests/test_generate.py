@@ -165,7 +165,7 @@ def _kl(log_p, log_q):
 # --------------------------------------------------------------------------------------
 
 
-def test_greedy_with_penalties_equals_reference():
+def test_greedy_with_penalties_equals_reference(capsys):
     model, prompt, h0 = _model_and_prompt()
     steps = 12
     mask = jnp.array([[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])  # left padding
@@ -186,6 +186,15 @@ def test_greedy_with_penalties_equals_reference():
     )
     np.testing.assert_array_equal(host.tokens, gen.tokens)
     np.testing.assert_allclose(host.log_prob, gen.log_prob, rtol=RECORD_RTOL)
+
+    # The jitted loop with a progress bar (a host callback per step): same tokens, and
+    # the bar reaches every step.
+    capsys.readouterr()
+    shown = rx.generate(
+        model, prompt, h0, max_new_tokens=steps, progress=True, **options
+    )
+    np.testing.assert_array_equal(shown.tokens, gen.tokens)
+    assert f"{steps}/{steps}" in capsys.readouterr().err
 
 
 def test_sampling_equals_reference_and_records():
