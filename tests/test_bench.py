@@ -68,13 +68,13 @@ def test_failed_check_gives_nonzero_exit(quick, tmp_path, monkeypatch, capsys):
     del quick
     monkeypatch.setitem(_bench.TOLERANCES, "closed_form_p", 0.0)
     path = tmp_path / "bench.json"
-    options = ["--quick", "--cases", "a", "--batch", "1", "--vocab", "4096", "--repeats", "1"]
+    options = ["--quick", "--cases", "a", "--batch", "8", "--vocab", "4096", "--repeats", "1"]
     code = main(["bench", *options, "--json", str(path)])
     assert code == 1
     results = json.loads(path.read_text())
     assert not results["all_checks_passed"]
     assert [c["passed"] for c in results["checks"]] == [False]
-    assert "check failed: a B=1 V=4096 max abs error in p" in capsys.readouterr().err
+    assert "check failed: a B=8 V=4096 max abs error in p" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The command line: `replicax check` (the claims table) and `replicax trajectory`."""
 
 import re
+import runpy
 
 import numpy as np
 import pytest
@@ -67,6 +68,16 @@ def test_check_table(capsys):
     assert rows["temperature rescales time: p_T(t) = p_1(t/T)"]["E"][0] is False
     assert "All 14 claims behave as THEORY §1 says" in out
     assert "wall time:" in out
+
+
+def test_paper_claims_example(capsys):
+    """examples/paper_claims.py, run here (in this process, after `test_check_table`,
+    whose compiled program it reuses) rather than as a subprocess by test_examples.py;
+    checked by that file's checker."""
+    from .test_examples import check_paper_claims, ROOT
+
+    runpy.run_path(str(ROOT / "examples" / "paper_claims.py"), run_name="__main__")
+    check_paper_claims(capsys.readouterr().out)
 
 
 def test_check_fails_when_a_verdict_differs(capsys, monkeypatch):

@@ -390,7 +390,14 @@ def test_examples_exist():
     assert sorted(p.name for p in EXAMPLES) == sorted(CHECKERS)
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+# Examples run in-process by another test file, next to the test that compiles the same
+# program (so that it is compiled once): paper_claims.py in tests/test_cli_check.py.
+RUN_ELSEWHERE = ("paper_claims.py",)
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in EXAMPLES if p.name not in RUN_ELSEWHERE], ids=lambda p: p.name
+)
 def test_example_runs(path, tmp_path):
     # The examples run against this checkout's replicax, whatever is installed.
     paths = [str(ROOT), os.environ.get("PYTHONPATH")]

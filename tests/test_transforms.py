@@ -41,7 +41,8 @@ def test_jit_equals_eager(getkey, flow_cls, method):
     # Eager is replicax with jit switched off (every primitive dispatched on its own,
     # including diffrax's loop); the longdouble closed form is a reference outside JAX.
     logits = random_logits(getkey(), (3, 9))
-    temperature, t1 = 0.7, 2.0
+    # Eager diffrax dispatches every operation of every step: a shorter ODE horizon.
+    temperature, t1 = 0.7, (2.0 if method == "exact" else 0.5)
     with jax.disable_jit():
         eager = rx.solve(flow_cls(logits, temperature), t1=t1, method=method).log_p
     jitted = jax.jit(
