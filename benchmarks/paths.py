@@ -33,10 +33,7 @@ Run it from the repository root:
 import argparse
 import dataclasses
 import functools
-import importlib.metadata
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -49,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import replicax as rx
+from replicax._bench import device_description, package_version
 
 # The copy-bandwidth probe uses at least this many bytes, so that its buffer does not
 # fit in the last-level cache of a CPU (tens of MB) or the L2 of a GPU (50 MB on an
@@ -201,38 +199,6 @@ def max_error(out: np.ndarray, reference: np.ndarray, *, log: bool = False) -> f
     return err
 
 
-# --------------------------------------------------------------------------------------
-
-
-def _package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def device_description() -> dict[str, str]:
-    device = jax.devices()[0]
-    info = {
-        "platform": device.platform,
-        "device_kind": device.device_kind,
-        "device_count": str(jax.device_count()),
-    }
-    if device.platform == "cpu":
-        model = platform.processor() or "unknown CPU"
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        model = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        info["cpu_model"] = model
-        info["cpu_cores"] = str(os.cpu_count())
-    return info
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = jnp.float64 if args.x64 else jnp.float32
     key = jax.random.key(args.seed)
@@ -307,7 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": device_description(),
         "versions": {
             "jax": jax.__version__,
-            "jaxlib": _package_version("jaxlib"),
+            "jaxlib": package_version("jaxlib"),
             "diffrax": diffrax.__version__,
             "equinox": eqx.__version__,
             "replicax": rx.__version__,

@@ -589,7 +589,7 @@ class Suite:
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             device=device_description(),
             versions={
-                p: _version(p)
+                p: package_version(p)
                 for p in ("jax", "jaxlib", "diffrax", "equinox", "replicax")
             },
             settings=dict(
@@ -685,78 +685,63 @@ class Suite:
             self.no_fit("a", batch, vocab, name, "baseline", 3 * out_bytes)
         name = "replicax rx.solve(Replicator, SaveAt(ts))"
         if self.fits(3 * out_bytes):
-            m = measure_direct(
-                functools.partial(_replicax_path, s, ts),
-                _replicax_path,
-                (s, ts),
-                self.repeats,
-                not self.quick,
-            )
-            out = m.pop("out")
-            err = _max_abs(np.exp(np.asarray(out[:rows], np.float64)), ref)
-            del out
-            self.add_row(
-                "a",
-                batch,
-                vocab,
-                name,
-                "replicax",
-                error=err,
-                error_kind="p",
-                steps=0,
-                **m,
-            )
-            self.check(
-                f"a B={batch} V={vocab} max abs error in p",
-                err,
-                TOLERANCES["closed_form_p"],
+            self.closed_form_row(
+                batch, vocab, name, _replicax_path, (s, ts), ref, "", not self.quick
             )
         else:
             self.no_fit("a", batch, vocab, name, "replicax", 3 * out_bytes)
         if not self.quick and self.fits(3 * out_bytes):
             self.case_a_variants(batch, vocab, s, ts, ref)
 
+    def closed_form_row(
+        self, batch, vocab, entry, fn, args, ref, what, plan_memory=True
+    ):
+        """A replicax row of case (a): `fn(*args)` (the saved `log_p`) timed as a
+        direct call, its max abs error in p against `ref` (the first rows, float64)
+        recorded and checked (the check named with `what`)."""
+        m = measure_direct(
+            functools.partial(fn, *args), fn, args, self.repeats, plan_memory
+        )
+        out = m.pop("out")
+        err = _max_abs(np.exp(np.asarray(out[: ref.shape[0]], np.float64)), ref)
+        del out
+        self.add_row(
+            "a", batch, vocab, entry, "replicax", error=err, error_kind="p", steps=0,
+            **m,
+        )
+        self.check(
+            f"a B={batch} V={vocab}{what} max abs error in p",
+            err,
+            TOLERANCES["closed_form_p"],
+        )
+
     def case_a_variants(self, batch, vocab, s, ts, ref):
         """The fused trajectory kernels (`rx.Exact(kernel=...)`: "jnp" everywhere,
         "pallas" on a GPU only, where it is not interpreted) and bfloat16 logits (computed
         in float32; error against float64 from the same bfloat16 values)."""
-        rows = ref.shape[0]
         kernels = ["jnp"] + (["pallas"] if jax.default_backend() == "gpu" else [])
         for kernel in kernels:
-            fn = functools.partial(_replicax_kernel_path, kernel)
-            m = measure_direct(functools.partial(fn, s, ts), fn, (s, ts), self.repeats)
-            out = m.pop("out")
-            err = _max_abs(np.exp(np.asarray(out[:rows], np.float64)), ref)
-            del out
-            entry = f"replicax rx.Exact(kernel={kernel!r})"
-            self.add_row(
-                "a", batch, vocab, entry, "replicax", error=err, error_kind="p",
-                steps=0, **m,
-            )
-            self.check(
-                f"a B={batch} V={vocab} kernel={kernel} max abs error in p",
-                err,
-                TOLERANCES["closed_form_p"],
+            self.closed_form_row(
+                batch,
+                vocab,
+                f"replicax rx.Exact(kernel={kernel!r})",
+                functools.partial(_replicax_kernel_path, kernel),
+                (s, ts),
+                ref,
+                f" kernel={kernel}",
             )
         half = s.astype(jnp.bfloat16)
         ref_half = reference_p(
-            np.asarray(half[:rows], np.float64), np.asarray(ts, np.float64)
+            np.asarray(half[: ref.shape[0]], np.float64), np.asarray(ts, np.float64)
         )
-        m = measure_direct(
-            functools.partial(_replicax_path, half, ts), _replicax_path, (half, ts),
-            self.repeats,
-        )
-        out = m.pop("out")
-        err = _max_abs(np.exp(np.asarray(out[:rows], np.float64)), ref_half)
-        del out
-        self.add_row(
-            "a", batch, vocab, "replicax, bfloat16 logits (float32 output)", "replicax",
-            error=err, error_kind="p", steps=0, **m,
-        )
-        self.check(
-            f"a B={batch} V={vocab} bfloat16 logits max abs error in p",
-            err,
-            TOLERANCES["closed_form_p"],
+        self.closed_form_row(
+            batch,
+            vocab,
+            "replicax, bfloat16 logits (float32 output)",
+            _replicax_path,
+            (half, ts),
+            ref_half,
+            " bfloat16 logits",
         )
 
     # (b) ---------------------------------------------------------------------------
@@ -1147,7 +1132,8 @@ def _progress(tasks: Sequence[tuple]):
 # Reporting
 
 
-def _version(name: str) -> str:
+def package_version(name: str) -> str:
+    """The installed version of a distribution, or "unknown"."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
