@@ -15,15 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import replicax as rx
 import replicax.adapters.transformers as rxt
 
+from .torch_helpers import one_torch_thread, word_tokenizer  # noqa: F401 (fixture)
+
 VOCAB = 40  # the model's output size; the tokenizer knows the first 12 ids
-WORDS = ["<pad>", "<eos>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far"]
-WORDS += ["."]
 PROMPTS = ["the cat", "a dog ran far on the mat .", "dog"]  # 2, 8 and 1 tokens
 
 # float32: the padded batch and the lone prompt run the same sums over different
@@ -31,25 +30,9 @@ PROMPTS = ["the cat", "a dog ran far on the mat .", "dog"]  # 2, 8 and 1 tokens
 TOL_F32 = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model's matmuls are far too small to share: with two threads on a busy
-    machine, each call waits ~0.3 s for the other thread (measured); with one, ~2 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    backend = Tokenizer(
-        models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>")
-    )
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>"
-    )
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")

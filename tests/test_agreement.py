@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.generation import (
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
@@ -36,9 +35,9 @@ from transformers.generation import (
 import replicax as rx
 import replicax.adapters.transformers as rxt
 
+from .torch_helpers import one_torch_thread, word_tokenizer  # noqa: F401 (fixture)
+
 VOCAB = 40
-WORDS = ["<pad>", "<eos>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far"]
-WORDS += ["."]
 PROMPTS = ["the cat sat", "a dog ran far on the mat .", "dog"]  # 3, 8 and 1 tokens
 STEPS = 14  # new tokens per row
 # Each step's distribution: replicax's (float64, from the model's float32 logits)
@@ -51,24 +50,9 @@ DIST_ATOL = 1e-12
 LOGITS_ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model's matmuls are far too small to share between threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    backend = Tokenizer(
-        models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>")
-    )
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>"
-    )
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")
