@@ -30,6 +30,17 @@ from ._scores import AbstractScore, Logits
 from ._time_to import entropic_time_to, replicator_time_to
 
 
+def _bad_host_temperature(temperature):
+    """The first entry of a host temperature that is not finite and > 0, or `None`. A
+    Python number is checked without numpy (this runs at every token of a loop)."""
+    if type(temperature) is float or type(temperature) is int:
+        ok = math.isfinite(temperature) and temperature > 0
+        return None if ok else temperature
+    host = np.asarray(temperature, np.float64)
+    ok = np.isfinite(host) & (host > 0)
+    return None if np.all(ok) else host[~ok].reshape(-1)[0]
+
+
 class AbstractFlow(eqx.Module):
     """Base class of the flows: a score, a temperature, and the log-space dynamics.
 
@@ -52,27 +63,21 @@ class AbstractFlow(eqx.Module):
         if not isinstance(score, AbstractScore):
             score = Logits(score)
         self.score = score
-        if type(temperature) is float or type(temperature) is int:
-            # The common case (one Python number, e.g. in a decoding loop): checked here
-            # and converted once per value.
-            if not (math.isfinite(temperature) and temperature > 0):
-                raise ValueError(
-                    f"`temperature` must be finite and > 0; received {temperature}. "
-                    "Greedy decoding (T = 0) is the argmax, not a flow."
-                )
-            self.temperature = python_scalar(temperature)
-            return
-        if isinstance(temperature, np.ndarray | np.number):
+        python_number = type(temperature) is float or type(temperature) is int
+        if python_number or isinstance(temperature, np.ndarray | np.number):
             # Host values are checked now; device arrays are checked on device by
             # `solve` (reading them here would wait for the device).
-            host = np.asarray(temperature, np.float64)
-            if not np.all(np.isfinite(host) & (host > 0)):
-                bad = host[~(np.isfinite(host) & (host > 0))] if host.ndim else host
+            bad = _bad_host_temperature(temperature)
+            if bad is not None:
                 raise ValueError(
-                    "`temperature` must be finite and > 0; received "
-                    f"{bad.reshape(-1)[0]}. Greedy decoding (T = 0) is the argmax, not "
-                    "a flow."
+                    f"`temperature` must be finite and > 0; received {bad}. Greedy "
+                    "decoding (T = 0) is the argmax, not a flow."
                 )
+        if python_number:
+            # The common case (one Python number, e.g. in a decoding loop): converted
+            # once per value.
+            self.temperature = python_scalar(temperature)
+            return
         temperature = jnp.asarray(temperature)
         if not jnp.issubdtype(temperature.dtype, jnp.floating):
             temperature = temperature.astype(compute_dtype(temperature.dtype))
