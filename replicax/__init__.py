@@ -61,6 +61,10 @@ from ._observables import (
     top_k_mass as top_k_mass,
 )
 from ._saveat import SaveAt as SaveAt
+from ._statistics import (
+    path_statistics as path_statistics,
+    PathStatistics as PathStatistics,
+)
 from ._claims import ClaimCheck as ClaimCheck, check_claims as check_claims
 from ._scores import (
     AbstractMemoryScore as AbstractMemoryScore,

@@ -125,6 +125,153 @@ def affine_trajectory(
     return out.reshape(rows + (times, vocab))
 
 
+def affine_moments(
+    x: Float[Array, "*rows vocab"] | None,
+    s: Float[Array, "*rows vocab"],
+    face: Bool[Array, "*rows vocab"],
+    a: Float[Array, "*rows times"],
+    b: Float[Array, "*rows times"],
+    *,
+    kernel: str = "jnp",
+    interpret: bool | None = None,
+    block_v: int | None = None,
+) -> tuple[Float[Array, "*rows times"], ...]:
+    """What one read of `(x, s)` gives about `p = softmax(θ)`, `θ = b x + a s` on
+    `face`, at every time of `(a, b)`, without writing `log p`:
+
+    - `top = max θ`,
+    - `lse = logsumexp θ`,
+    - `entropy = lse - <p, θ>`,
+    - `mean_s = <p, s>`.
+
+    Arguments as `affine_trajectory`. `"jnp"` computes them time after time
+    (`lax.map`: at most one `(vocab,)` array per context alive); `"pallas"` in the
+    normaliser pass of the trajectory kernel, with two more sums per time (see
+    `_accumulate`).
+
+    Derivatives by a custom VJP: the backward pass recomputes `p(t)` time after time
+    from `(x, s)` and the saved `(top, lse, entropy, mean_s)`, so reverse mode keeps
+    nothing of size `(times, vocab)` either. It is written in jnp for both kernels.
+    Forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) is not available here.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}; received {kernel!r}.")
+    check_block_v(block_v)
+    dtype = _accumulator_dtype(s.dtype)
+    s = jnp.where(face, s.astype(dtype), -jnp.inf)
+    if x is not None:
+        x = jnp.where(face, x.astype(dtype), 0)
+    a, b = a.astype(dtype), b.astype(dtype)
+    if block_v is None:
+        block_v = default_block_v(s.shape[-1])
+    one = functools.partial(
+        _moments, kernel=kernel, interpret=interpret, block_v=block_v
+    )
+    rows = s.shape[:-1]
+    if not rows:
+        return one(x, s, a, b)
+    flat = [None if y is None else y.reshape((-1, y.shape[-1])) for y in (x, s, a, b)]
+    out = jax.vmap(one)(*flat)
+    return tuple(y.reshape(rows + y.shape[-1:]) for y in out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _moments(x, s, a, b, kernel, interpret, block_v):
+    """`(top, lse, entropy, mean_s)` of one context; `s` is `-inf` off the face."""
+    if kernel == "jnp":
+        return _moments_jnp(x, s, a, b)
+    times = a.shape[0]
+    pallas = functools.partial(_pass_over_vocab, block_v=block_v, moments=True)
+    if interpret is None:
+        out = lax.platform_dependent(
+            x,
+            s,
+            a,
+            b,
+            cuda=functools.partial(pallas, interpret=False),
+            default=functools.partial(pallas, interpret=True),
+        )
+    else:
+        out = pallas(x, s, a, b, interpret)
+    return tuple(y[:times] for y in out)
+
+
+def _moments_jnp(x, s, a, b):
+    def at(coefficients):
+        theta = _theta(x, s, coefficients[0][None], coefficients[1][None])[0]
+        alive = theta > -jnp.inf
+        if x is None:
+            # From a uniform start `θ = a s` peaks at 0 (`s` is centred on the face).
+            e = jnp.exp(theta)
+            total = jnp.sum(e)  # >= 1: the top tokens count 1 each
+            # `0 * total`, not a constant: under `vmap` a constant output would be
+            # unbatched, and its cotangent summed over the batch.
+            top = shift = 0 * total
+        else:
+            top = jnp.max(theta)
+            shift = jnp.where(top > -jnp.inf, top, 0)
+            e = jnp.exp(theta - shift)
+            total = jnp.sum(e)
+        first = jnp.sum(e * jnp.where(alive, theta - shift, 0))
+        mean_s = jnp.sum(e * jnp.where(alive, s, 0)) / total
+        return top, shift + jnp.log(total), jnp.log(total) - first / total, mean_s
+
+    return lax.map(at, (a, b))
+
+
+def _moments_fwd(x, s, a, b, kernel, interpret, block_v):
+    out = _moments(x, s, a, b, kernel, interpret, block_v)
+    return out, (x, s, a, b, out)
+
+
+def _moments_bwd(kernel, interpret, block_v, residuals, cotangents):
+    """Per time, with `q = p(t)` recomputed and `log q = θ - lse`:
+
+    - `d top = <1_top / #top, dθ>` (ties share, as `jnp.max`), `d lse = <q, dθ>`,
+    - `d entropy = -<q (log q + entropy), dθ>`,
+    - `d mean_s = <q (s - mean_s), dθ> + <q, ds>`,
+
+    and `dθ = a ds + s da + b dx + x db` on the face (the slope of `a` where `s = 0`
+    as in `_theta`). The weights `w` of `dθ` are summed over the times into the
+    cotangents of `s` and `x` (one `(vocab,)` accumulator each) and reduced against
+    `s` and `x` for those of `a` and `b`."""
+    del kernel, interpret, block_v
+    x, s, a, b, (top, lse, entropy, mean_s) = residuals
+    on = s > -jnp.inf
+    s0 = jnp.where(on, s, 0)
+
+    def at(carry, per_time):
+        ds, dx = carry
+        (ak, bk, top_k, lse_k, ent_k, mean_k), (g_top, g_lse, g_ent, g_mean) = per_time
+        theta = _theta(x, s, ak[None], bk[None])[0]
+        alive = theta > -jnp.inf
+        log_q = jnp.where(alive, theta - lse_k, 0)
+        q = jnp.where(alive, jnp.exp(log_q), 0)
+        tied = alive & (theta == top_k)
+        share = g_top / jnp.maximum(jnp.sum(tied), 1).astype(s.dtype)
+        w = jnp.where(tied, share, 0) + q * (
+            g_lse - g_ent * (log_q + ent_k) + g_mean * (s0 - mean_k)
+        )
+        slope = jnp.where(s0 == 0, jnp.where(jnp.abs(ak) < jnp.inf, ak, 0), ak)
+        ds = ds + jnp.where(w == 0, 0, slope * w) + g_mean * q
+        if x is not None:
+            dx = dx + bk * w
+        da = jnp.sum(w * s0)
+        db = None if x is None else jnp.sum(w * x)
+        return (ds, dx), (da, db)
+
+    init = (jnp.zeros_like(s0), None if x is None else jnp.zeros_like(x))
+    per_time = ((a, b, top, lse, entropy, mean_s), cotangents)
+    (ds, dx), (da, db) = lax.scan(at, init, per_time)
+    ds = jnp.where(on, ds, 0)
+    if x is not None:
+        dx = jnp.where(on, dx, 0)
+    return dx, ds, da, jnp.zeros_like(b) if db is None else db
+
+
+_moments.defvjp(_moments_fwd, _moments_bwd)
+
+
 def check_block_v(block_v) -> None:
     """`ValueError` unless `block_v` is `None` or a power of two."""
     if block_v is None:
@@ -184,47 +331,14 @@ def _fused(x, s, a, b, interpret, block_v):
 
 def _fused_forward(x, s, a, b, interpret, block_v):
     vocab, times = s.shape[0], a.shape[0]
-    dtype = s.dtype
-    padded = pl.next_power_of_2(times)
-    # The times padded to a power of two (Triton's blocks are); the padding is never
-    # written out.
+    top, lse = _pass_over_vocab(x, s, a, b, interpret, block_v, moments=False)
+    padded = top.shape[0]
     a = jnp.pad(a, (0, padded - times))
     b = jnp.pad(b, (0, padded - times))
     has_x = x is not None
-    inputs = (s, a, b) + ((x,) if has_x else ())
-    whole = [pl.BlockSpec(y.shape, lambda *_: (0,)) for y in inputs]
-    params = plgpu.CompilerParams(num_warps=_NUM_WARPS)
-
-    # Pass 1: per chunk of the vocabulary, the running maximum and the sum of
-    # exponentials below it, for every time.
-    block_n = max(1, min(block_v, _TILE // padded))
-    num_blocks = pl.cdiv(vocab, block_n)
-    per_program = min(_BLOCKS_PER_PROGRAM, num_blocks)
-    chunks = pl.cdiv(num_blocks, per_program)
-    partial_spec = pl.BlockSpec((None, padded), lambda c: (c, 0))
-    top, total = pl.pallas_call(
-        functools.partial(
-            _normaliser_kernel,
-            has_x=has_x,
-            vocab=vocab,
-            block_v=block_n,
-            per_program=per_program,
-        ),
-        grid=(chunks,),
-        in_specs=whole,
-        out_specs=[partial_spec, partial_spec],
-        out_shape=[jax.ShapeDtypeStruct((chunks, padded), dtype)] * 2,
-        compiler_params=params,
-        interpret=interpret,
-        name="replicax_trajectory_normalisers",
-    )(*inputs)
-    shift = jnp.max(top, axis=0)
-    shift = jnp.where(shift > -jnp.inf, shift, 0)
-    lse = shift + jnp.log(jnp.sum(total * jnp.exp(top - shift[None, :]), axis=0))
-
     # Pass 2: every (block of times, block of tokens) written once.
     block_t = _time_block(padded, block_v)
-    inputs = inputs + (lse,)
+    inputs = (s, a, b) + ((x,) if has_x else ()) + (lse,)
     whole = [pl.BlockSpec(y.shape, lambda *_: (0,)) for y in inputs]
     return pl.pallas_call(
         functools.partial(
@@ -238,11 +352,61 @@ def _fused_forward(x, s, a, b, interpret, block_v):
         grid=(padded // block_t, pl.cdiv(vocab, block_v)),
         in_specs=whole,
         out_specs=pl.BlockSpec((times, vocab), lambda i, j: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct((times, vocab), dtype),
-        compiler_params=params,
+        out_shape=jax.ShapeDtypeStruct((times, vocab), s.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS),
         interpret=interpret,
         name="replicax_trajectory_write",
     )(*inputs)
+
+
+def _pass_over_vocab(x, s, a, b, interpret, block_v, *, moments):
+    """Pass 1, the one read of `(x, s)`: per chunk of the vocabulary the running
+    maximum of `θ` and the sums of `_accumulate` for every time, then the chunks
+    combined in jnp. Returns `(top, lse)`, with `moments` also `(entropy, mean_s)`,
+    each over the times padded to a power of two (Triton's blocks are; the padding is
+    never written out)."""
+    vocab, times = s.shape[0], a.shape[0]
+    dtype = s.dtype
+    padded = pl.next_power_of_2(times)
+    a = jnp.pad(a, (0, padded - times))
+    b = jnp.pad(b, (0, padded - times))
+    inputs = (s, a, b) + (() if x is None else (x,))
+    whole = [pl.BlockSpec(y.shape, lambda *_: (0,)) for y in inputs]
+    block_n = max(1, min(block_v, _TILE // padded))
+    num_blocks = pl.cdiv(vocab, block_n)
+    per_program = min(_BLOCKS_PER_PROGRAM, num_blocks)
+    chunks = pl.cdiv(num_blocks, per_program)
+    partial_spec = pl.BlockSpec((None, padded), lambda c: (c, 0))
+    num_out = 4 if moments else 2
+    parts = pl.pallas_call(
+        functools.partial(
+            _normaliser_kernel,
+            has_x=x is not None,
+            vocab=vocab,
+            block_v=block_n,
+            per_program=per_program,
+            moments=moments,
+        ),
+        grid=(chunks,),
+        in_specs=whole,
+        out_specs=[partial_spec] * num_out,
+        out_shape=[jax.ShapeDtypeStruct((chunks, padded), dtype)] * num_out,
+        compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS),
+        interpret=interpret,
+        name="replicax_" + ("moments" if moments else "trajectory_normalisers"),
+    )(*inputs)
+    top = jnp.max(parts[0], axis=0)
+    shift = jnp.where(top > -jnp.inf, top, 0)
+    alive = parts[0] > -jnp.inf
+    scale = jnp.where(alive, jnp.exp(parts[0] - shift[None, :]), 0)
+    total = jnp.sum(parts[1] * scale, axis=0)
+    lse = shift + jnp.log(total)
+    if not moments:
+        return top, lse
+    gap = jnp.where(alive, parts[0] - shift[None, :], 0)
+    first = jnp.sum(scale * (parts[2] + gap * parts[1]), axis=0)
+    entropy = jnp.log(total) - first / total
+    return top, lse, entropy, jnp.sum(parts[3] * scale, axis=0) / total
 
 
 def _load_block(ref, start, size, vocab, other):
@@ -251,37 +415,48 @@ def _load_block(ref, start, size, vocab, other):
     return plgpu.load(ref.at[pl.ds(start, size)], mask=valid, other=other), valid
 
 
-def _normaliser_kernel(*refs, has_x, vocab, block_v, per_program):
-    if has_x:
-        s_ref, a_ref, b_ref, x_ref, top_ref, total_ref = refs
-    else:
-        s_ref, a_ref, b_ref, top_ref, total_ref = refs
-        x_ref = None
+def _normaliser_kernel(*refs, has_x, vocab, block_v, per_program, moments=False):
+    num_out = 4 if moments else 2
+    ins, outs = refs[:-num_out], refs[-num_out:]
+    s_ref, a_ref, b_ref = ins[:3]
+    x_ref = ins[3] if has_x else None
     a, b = a_ref[...], b_ref[...]
     first = pl.program_id(0) * per_program
 
     def body(k, carry):
-        top, total = carry
         start = (first + k) * block_v
         s, _ = _load_block(s_ref, start, block_v, vocab, -jnp.inf)
         x = None if x_ref is None else _load_block(x_ref, start, block_v, vocab, 0.0)[0]
-        theta = _theta(x, s, a, b)
-        new_top = jnp.maximum(top, jnp.max(theta, axis=1))
-        # A time whose maximum is still -inf (no token of the face seen yet) keeps a
-        # zero sum; shifting by 0 there avoids `-inf - -inf`.
-        shift = jnp.where(new_top > -jnp.inf, new_top, 0)
-        total = total * jnp.exp(top - shift) + jnp.sum(
-            jnp.exp(theta - shift[:, None]), axis=1
-        )
-        return new_top, total
+        return _accumulate(carry, _theta(x, s, a, b), s, moments)
 
-    init = (
-        jnp.full(a.shape, -jnp.inf, a.dtype),
-        jnp.zeros(a.shape, a.dtype),
+    init = (jnp.full(a.shape, -jnp.inf, a.dtype),) + tuple(
+        jnp.zeros(a.shape, a.dtype) for _ in range(num_out - 1)
     )
-    top, total = lax.fori_loop(0, per_program, body, init)
-    top_ref[...] = top
-    total_ref[...] = total
+    for ref, value in zip(outs, lax.fori_loop(0, per_program, body, init), strict=True):
+        ref[...] = value
+
+
+def _accumulate(carry, theta, s, moments):
+    """One block of `θ` (times × tokens) folded into the running maximum `m` and the
+    sums `Σ e`, and with `moments`, `Σ e (θ - m)` and `Σ e s`, where `e = exp(θ - m)`.
+    A new maximum `m'` rescales them: `Σ e' = r Σ e`, `Σ e' (θ - m') = r (Σ e (θ - m)
+    + (m - m') Σ e)`, `Σ e' s = r Σ e s`, `r = exp(m - m')`."""
+    top = carry[0]
+    new_top = jnp.maximum(top, jnp.max(theta, axis=1))
+    # A time whose maximum is still -inf (no token of the face seen yet) keeps zero
+    # sums; shifting by 0 there avoids `-inf - -inf`.
+    shift = jnp.where(new_top > -jnp.inf, new_top, 0)
+    scale = jnp.exp(top - shift)
+    e = jnp.exp(theta - shift[:, None])
+    out = (new_top, carry[1] * scale + jnp.sum(e, axis=1))
+    if not moments:
+        return out
+    alive = theta > -jnp.inf
+    centred = jnp.where(alive, theta - shift[:, None], 0)
+    s0 = jnp.where(alive, s[None, :], 0)
+    gap = jnp.where(top > -jnp.inf, top - shift, 0)
+    first = scale * (carry[2] + gap * carry[1]) + jnp.sum(e * centred, axis=1)
+    return out + (first, carry[3] * scale + jnp.sum(e * s0, axis=1))
 
 
 def _write_kernel(*refs, has_x, vocab, times, block_t, block_v):

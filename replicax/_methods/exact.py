@@ -6,10 +6,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._kernels import KERNELS, affine_trajectory, check_block_v
+from .._kernels import KERNELS, affine_moments, affine_trajectory, check_block_v
 from .._rows import Row, Rows
 from .._saveat import SaveAt
 from .._solution import RESULTS
+from .._statistics import path_statistics, statistics_from_moments
 from .base import AbstractMethod, RowSolution, no_steps, save_along
 
 _KERNEL_CHOICES = ("auto",) + KERNELS
@@ -42,7 +43,10 @@ class Exact(AbstractMethod):
             reverse mode) come from a JVP written in jnp on the saved output; no kernel
             runs in the backward pass.
 
-        With `SaveAt(fn=...)` every kernel falls back to the `"auto"` path (which never
+        With `SaveAt(fn=rx.path_statistics)` no kernel writes `log p`: every kernel
+        computes those statistics for all saved times from one read of the logits
+        (`"pallas"` in its normaliser kernel, the others in jnp). With any other
+        `SaveAt(fn=...)` every kernel falls back to the `"auto"` path (which never
         stores the `(times, vocab)` block these kernels write).
     - `block_v`: the block of the vocabulary of the Pallas kernels, a power of two;
         default `min(1024, next power of two of V)`. Ignored by the other kernels.
@@ -94,6 +98,10 @@ class Exact(AbstractMethod):
         flow, face = row.flow, row.face
         centred = row.centred_scores()
         log_p0 = None if row.uniform else row.log_p0()
+        if saveat.fn is path_statistics:
+            coefficients = flow.closed_form_coefficients(save_ts - t0)
+            if coefficients is not None:
+                return self._statistics(row, log_p0, centred, coefficients)
         if self.kernel != "auto" and saveat.fn is None:
             a, b = flow.closed_form_coefficients(save_ts - t0)
             log_p = affine_trajectory(
@@ -112,3 +120,15 @@ class Exact(AbstractMethod):
 
         log_p, observables = save_along(log_p_at, save_ts, saveat, flow)
         return RowSolution(log_p, observables, None, no_steps(), RESULTS.successful)
+
+    def _statistics(self, row, log_p0, centred, coefficients) -> RowSolution:
+        # One read of (log p0, scores) for all saved times (`affine_moments`).
+        a, b = coefficients
+        kernel = "pallas" if self.kernel == "pallas" else "jnp"
+        moments = affine_moments(
+            log_p0, centred, row.face, a, b, kernel=kernel, block_v=self.block_v
+        )
+        score_top = jnp.max(jnp.where(row.face, row.scores(), -jnp.inf))
+        statistics = statistics_from_moments(*moments, score_top)
+        statistics = jax.tree.map(lambda y: y.astype(row.dtype), statistics)
+        return RowSolution(None, statistics, None, no_steps(), RESULTS.successful)
