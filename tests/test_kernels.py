@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import replicax as rx
-from replicax._kernels import affine_trajectory
+from replicax._kernels import affine_moments, affine_trajectory
 
 # log p compared entrywise relative to max(1, |log p|): entries near -300 carry an
 # absolute rounding of ~3e-5 in float32 whichever way the normaliser is summed (online
@@ -79,6 +79,39 @@ def test_pallas_equals_jnp_reference():
     _assert_log_p_close(out, ref, TOL[jnp.float32])
     # A distribution at every time (a normaliser per time, not one per row).
     np.testing.assert_allclose(jnp.sum(jnp.exp(out), axis=-1), 1, atol=1e-5)
+
+
+def test_pallas_moments_equal_jnp_reference():
+    """`affine_moments` (the one-read statistics of `rx.path_statistics`): the Pallas
+    normaliser kernel with its two extra sums against the jnp reference, from a given
+    start and from a uniform one, including `a = 0` and an overflowed `a = inf`. (The
+    jnp reference itself is checked against `rx.path_statistics` on `log p` in
+    tests/test_statistics.py.)"""
+    x, s, face, a, b = _problem(np.random.default_rng(3), jnp.float32)
+
+    @jax.jit
+    def both(x, s, face, a, b):
+        return [
+            affine_moments(
+                start, s, face, a, b, kernel=kernel, interpret=True, block_v=BLOCK_V
+            )
+            for start in (x, None)
+            for kernel in ("jnp", "pallas")
+        ]
+
+    outs = both(x, s, face, a, b)
+    for ref, out in (outs[:2], outs[2:]):
+        for name, r, o in zip(("top", "lse", "entropy", "mean_s"), ref, out, strict=True):
+            assert o.shape == r.shape == a.shape and o.dtype == jnp.float32
+            assert np.all(np.isfinite(np.asarray(o))), name
+            error = np.abs(np.asarray(o, np.float64) - np.asarray(r, np.float64))
+            assert np.max(error / np.maximum(1, np.abs(np.asarray(r)))) <= TOL[
+                jnp.float32
+            ], name
+    # a = inf from a uniform start: uniform on the tokens at the maximum of `s`.
+    num_top = np.sum(np.asarray(face) & (np.asarray(s) == 0), axis=-1)
+    for out in outs[2:]:
+        np.testing.assert_allclose(out[2][:, -1], np.log(num_top), atol=1e-6)
 
 
 @functools.cache
@@ -207,3 +240,11 @@ def test_kernels_lower_with_triton():
     # The two kernels, and no interpreter loop: the backward pass is plain jnp.
     assert text.count("xla.gpu.triton") == 2
     assert "stablehlo.while" not in text
+
+    # The one-read statistics: one kernel (its backward pass is a jnp scan).
+    def moments(x, s, a, b):
+        one = functools.partial(affine_moments, kernel="pallas")
+        return jax.vmap(one)(x, s, face, a, b)
+
+    lowered = jax.jit(moments).trace(x, s, a, b).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 1

@@ -239,6 +239,7 @@ def _moments_bwd(kernel, interpret, block_v, residuals, cotangents):
     x, s, a, b, (top, lse, entropy, mean_s) = residuals
     on = s > -jnp.inf
     s0 = jnp.where(on, s, 0)
+    num_on, num_top = jnp.sum(on), jnp.sum(on & (s0 == 0))
 
     def at(carry, per_time):
         ds, dx = carry
@@ -247,8 +248,13 @@ def _moments_bwd(kernel, interpret, block_v, residuals, cotangents):
         alive = theta > -jnp.inf
         log_q = jnp.where(alive, theta - lse_k, 0)
         q = jnp.where(alive, jnp.exp(log_q), 0)
-        tied = alive & (theta == top_k)
-        share = g_top / jnp.maximum(jnp.sum(tied), 1).astype(s.dtype)
+        if x is None:  # `θ = a s` peaks at 0 on the top tokens, everywhere if `a = 0`
+            tied = on & ((s0 == 0) | (ak == 0))
+            count = jnp.where(ak == 0, num_on, num_top)
+        else:
+            tied = alive & (theta == top_k)
+            count = jnp.sum(tied)
+        share = g_top / jnp.maximum(count, 1).astype(s.dtype)
         w = jnp.where(tied, share, 0) + q * (
             g_lse - g_ent * (log_q + ent_k) + g_mean * (s0 - mean_k)
         )
