@@ -45,6 +45,15 @@ import replicax as rx
 
 # Tolerances of the correctness checks. Errors are measured on the first
 # `REFERENCE_ROWS` contexts, against float64 references.
+# XLA options that cut compile time, per platform, measured by `compile_study` against
+# the default compile (compile time, and run time relative to the default's). On GPUs the
+# autotuner (which times candidate kernels for each fusion while compiling) is what made
+# one compile take minutes; on CPUs LLVM's most expensive passes.
+FAST_COMPILE_OPTIONS = {
+    "gpu": {"xla_gpu_autotune_level": 0},
+    "cpu": {"xla_llvm_disable_expensive_passes": True},
+}
+
 TOLERANCES = {
     # Closed forms, max abs error in p (cases a, e).
     "closed_form_p": 1e-5,
@@ -224,15 +233,20 @@ def _xla_memory(compiled: Any) -> int | None:
 
 
 def measure_jitted(
-    fn: Callable, args: tuple, repeats: int, as_user_calls: bool = False
+    fn: Callable,
+    args: tuple,
+    repeats: int,
+    as_user_calls: bool = False,
+    compiler_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A jitted function: compile timed on its own (`lower(...).compile()`), then the
-    median of `repeats` calls of the compiled program. With `as_user_calls`, the calls
-    timed are of `jax.jit(fn)` itself, with its own dispatch (one more compile, in the
-    warm-up): what a user's loop pays per call."""
+    """A jitted function: compile timed on its own (`lower(...).compile()`, with XLA's
+    `compiler_options` if given), then the median of `repeats` calls of the compiled
+    program. With `as_user_calls`, the calls timed are of `jax.jit(fn)` itself, with its
+    own dispatch (one more compile, in the warm-up): what a user's loop pays per
+    call."""
     before = _device_memory()
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - start
     call = jax.jit(fn) if as_user_calls else compiled
     jax.block_until_ready(call(*args))  # warm-up
@@ -931,8 +945,34 @@ class Suite:
                 detail=f"{err:.3g} vs tolerance {TOLERANCES['ode_p']:.3g} or "
                 f"the baseline's {_fmt(base_err, '.3g')}",
             )
+            if not self.quick:
+                self.compile_study(batch, vocab, s, ts, m["time_s"])
         else:
             self.no_fit("c", batch, vocab, name, "replicax", need)
+
+    def compile_study(self, batch, vocab, s, ts, default_time_s):
+        """The ODE path (the slowest compile of the suite) compiled again with the
+        XLA options that trade optimisation for compile time on this platform
+        (`FAST_COMPILE_OPTIONS`), timed against the default compile's run time."""
+        options = FAST_COMPILE_OPTIONS.get(jax.default_backend())
+        if options is None:
+            return
+        m = measure_jitted(
+            lambda s, ts: _replicax_ode(s, ts, 1e-6),
+            (s, ts),
+            self.repeats,
+            compiler_options=options,
+        )
+        m.pop("out")
+        self.add_row(
+            "c",
+            batch,
+            vocab,
+            f"replicax ODE path, compiler_options={options}",
+            "compile study",
+            run_time_vs_default=m["time_s"] / default_time_s,
+            **m,
+        )
 
     # (d) ---------------------------------------------------------------------------
 
@@ -1104,6 +1144,15 @@ class Suite:
                     ">= 5x at equal or better error",
                     speedup >= 5 and r["error"] <= base[0]["error"],
                 )
+        for r in rows_of("c", "compile study"):
+            ratio = r["run_time_vs_default"]
+            self.target(
+                f"c B={r['batch']} V={r['vocab']} {r['entry']}: compile (s), run time "
+                f"{ratio:.2f}x the default compile's",
+                r["compile_s"],
+                "<= 5 s at <= 1.1x the run time",
+                r["compile_s"] <= 5 and ratio <= 1.1,
+            )
         for r in rows_of("d", "replicax"):
             label = f"d B={r['batch']} V={r['vocab']} {r['entry']}"
             self.target(
