@@ -201,17 +201,23 @@ def _moments_jnp(x, s, a, b):
         theta = _theta(x, s, coefficients[0][None], coefficients[1][None])[0]
         alive = theta > -jnp.inf
         if x is None:
-            # From a uniform start `θ = a s` peaks at 0 (`s` is centred on the face).
+            # From a uniform start `θ = a s` peaks at 0 (`s` is centred on the face),
+            # and `<p, θ> = a <p, s>`: two sums per time (XLA on CPU recomputes `e`
+            # for each sum it does not fuse with another).
             e = jnp.exp(theta)
             total = jnp.sum(e)  # >= 1: the top tokens count 1 each
+            mean_s = jnp.sum(e * jnp.where(alive, s, 0)) / total
+            # With `a = inf` only tokens at `s = 0` keep mass: `<p, θ> = 0`.
+            mean_theta = jnp.where(jnp.abs(coefficients[0]) < jnp.inf, coefficients[0], 0)
+            mean_theta = mean_theta * mean_s
             # `0 * total`, not a constant: under `vmap` a constant output would be
             # unbatched, and its cotangent summed over the batch.
-            top = shift = 0 * total
-        else:
-            top = jnp.max(theta)
-            shift = jnp.where(top > -jnp.inf, top, 0)
-            e = jnp.exp(theta - shift)
-            total = jnp.sum(e)
+            top = 0 * total
+            return top, jnp.log(total), jnp.log(total) - mean_theta, mean_s
+        top = jnp.max(theta)
+        shift = jnp.where(top > -jnp.inf, top, 0)
+        e = jnp.exp(theta - shift)
+        total = jnp.sum(e)
         first = jnp.sum(e * jnp.where(alive, theta - shift, 0))
         mean_s = jnp.sum(e * jnp.where(alive, s, 0)) / total
         return top, shift + jnp.log(total), jnp.log(total) - first / total, mean_s
