@@ -997,22 +997,30 @@ class Suite:
         ref = self.gradient_reference(vocab, ts)[:rows]
         scale = float(np.max(np.abs(ref)))
         path_bytes = NUM_TIMES * batch * vocab * it
-        name = "jitted jax.grad of the plain jnp loss"
-        if self.fits(5 * path_bytes):
-            m = measure_jitted(jax.grad(_summed_entropy_plain), (s, ts), self.repeats)
+        def gradient_row(name, kind, loss, forward_s=None):
+            m = measure_jitted(jax.grad(loss), (s, ts), self.repeats)
             g = m.pop("out")
             err = _max_abs(g[:rows], ref) / scale
             del g
+            fields = {}
+            if forward_s is not None:
+                fields["ratio_to_forward"] = m["time_s"] / forward_s
             self.add_row(
                 "d",
                 batch,
                 vocab,
                 name,
-                "baseline",
+                kind,
                 error=err,
                 error_kind="gradient, relative",
+                **fields,
                 **m,
             )
+            return err
+
+        name = "jitted jax.grad of the plain jnp loss"
+        if self.fits(5 * path_bytes):
+            gradient_row(name, "baseline", _summed_entropy_plain)
         else:
             self.no_fit("d", batch, vocab, name, "baseline", 5 * path_bytes)
         # The one-read path keeps a few (B, V) arrays; the generic route, which saves
@@ -1032,21 +1040,7 @@ class Suite:
             self.add_row(
                 "d", batch, vocab, f"replicax forward loss, {label}", "forward", **fwd
             )
-            m = measure_jitted(jax.grad(loss), (s, ts), self.repeats)
-            g = m.pop("out")
-            err = _max_abs(g[:rows], ref) / scale
-            del g
-            self.add_row(
-                "d",
-                batch,
-                vocab,
-                name,
-                "replicax",
-                error=err,
-                error_kind="gradient, relative",
-                ratio_to_forward=m["time_s"] / fwd["time_s"],
-                **m,
-            )
+            err = gradient_row(name, "replicax", loss, forward_s=fwd["time_s"])
             self.check(
                 f"d B={batch} V={vocab} {label}: gradient relative error",
                 err,

@@ -103,26 +103,11 @@ def affine_trajectory(
     the tangents of `x`, `s`, `a`, `b`), which JAX transposes for reverse mode: no
     kernel runs in the backward pass and nothing but the output is kept.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"`kernel` must be one of {KERNELS}; received {kernel!r}.")
-    check_block_v(block_v)
-    dtype = _accumulator_dtype(s.dtype)
-    s = jnp.where(face, s.astype(dtype), -jnp.inf)
-    if x is not None:
-        x = jnp.where(face, x.astype(dtype), 0)
-    a, b = a.astype(dtype), b.astype(dtype)
+    x, s, a, b, block_v = _prepare(x, s, face, a, b, kernel, block_v)
     if kernel == "jnp":
         return jax.nn.log_softmax(_theta(x, s, a, b), axis=-1)
-    vocab, times = s.shape[-1], a.shape[-1]
-    if block_v is None:
-        block_v = default_block_v(vocab)
     fused = functools.partial(_fused, interpret=interpret, block_v=block_v)
-    rows = s.shape[:-1]
-    if not rows:
-        return fused(x, s, a, b)
-    flat = [None if y is None else y.reshape((-1, y.shape[-1])) for y in (x, s, a, b)]
-    out = jax.vmap(fused)(*flat)
-    return out.reshape(rows + (times, vocab))
+    return _over_rows(fused, x, s, a, b)
 
 
 def affine_moments(
@@ -154,6 +139,16 @@ def affine_moments(
     nothing of size `(times, vocab)` either. It is written in jnp for both kernels.
     Forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) is not available here.
     """
+    x, s, a, b, block_v = _prepare(x, s, face, a, b, kernel, block_v)
+    one = functools.partial(
+        _moments, kernel=kernel, interpret=interpret, block_v=block_v
+    )
+    return _over_rows(one, x, s, a, b)
+
+
+def _prepare(x, s, face, a, b, kernel, block_v):
+    """The checks and the common form of both entry points: accumulator dtype, `s`
+    at `-inf` and `x` at `0` off the face, and the default `block_v`."""
     if kernel not in KERNELS:
         raise ValueError(f"`kernel` must be one of {KERNELS}; received {kernel!r}.")
     check_block_v(block_v)
@@ -161,18 +156,20 @@ def affine_moments(
     s = jnp.where(face, s.astype(dtype), -jnp.inf)
     if x is not None:
         x = jnp.where(face, x.astype(dtype), 0)
-    a, b = a.astype(dtype), b.astype(dtype)
     if block_v is None:
         block_v = default_block_v(s.shape[-1])
-    one = functools.partial(
-        _moments, kernel=kernel, interpret=interpret, block_v=block_v
-    )
+    return x, s, a.astype(dtype), b.astype(dtype), block_v
+
+
+def _over_rows(one, x, s, a, b):
+    """`one` (a function of one context) over the leading axes of the rows, which
+    Pallas turns into one more grid axis."""
     rows = s.shape[:-1]
     if not rows:
         return one(x, s, a, b)
     flat = [None if y is None else y.reshape((-1, y.shape[-1])) for y in (x, s, a, b)]
     out = jax.vmap(one)(*flat)
-    return tuple(y.reshape(rows + y.shape[-1:]) for y in out)
+    return jax.tree.map(lambda y: y.reshape(rows + y.shape[1:]), out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
