@@ -43,9 +43,10 @@ def path_statistics(
     mode recomputes `p(t)` time after time, so neither direction keeps anything of size
     `(times, vocab)`: the peak memory of `jax.grad` through it is a few `(batch, vocab)`
     arrays whatever the number of saved times. `rx.Exact(kernel="pallas")` computes the
-    same sums in the normaliser pass of its Pallas kernel. On every other path (the
-    ODE, `Switched`, a flow without affine coefficients) it is evaluated from `log_p`
-    like any function.
+    same sums in the normaliser pass of its Pallas kernel, and the gradient in one
+    more kernel (one read of the logits, one write of their cotangent). On every other
+    path (the ODE, `Switched`, a flow without affine coefficients) it is evaluated from
+    `log_p` like any function.
 
     Forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) through the fast path is
     not available (it is a custom VJP); reverse mode is.

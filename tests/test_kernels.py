@@ -113,6 +113,28 @@ def test_pallas_moments_equal_jnp_reference():
     for out in outs[2:]:
         np.testing.assert_allclose(out[2][:, -1], np.log(num_top), atol=1e-6)
 
+    # The backward kernel (one read of (x, s), one write of their cotangents) against
+    # the jnp scan, for a loss that weights all four outputs at every time.
+    weights = jnp.asarray(np.random.default_rng(4).normal(size=(4,) + a.shape), a.dtype)
+
+    def loss(kernel, x, s, a, b):
+        out = affine_moments(
+            x, s, face, a, b, kernel=kernel, interpret=True, block_v=BLOCK_V
+        )
+        return sum(jnp.sum(w * y) for w, y in zip(weights, out, strict=True))
+
+    grads = jax.jit(jax.grad(loss, argnums=(1, 2, 3, 4)), static_argnums=0)
+    for start, argnums in ((x, (0, 1, 2, 3)), (None, (1, 2, 3))):
+        ref_grads = grads("jnp", start, s, a, b)
+        out_grads = grads("pallas", start, s, a, b)
+        for i in argnums:
+            assert np.all(np.isfinite(np.asarray(out_grads[i])))
+        _assert_grads_close(
+            [out_grads[i] for i in argnums],
+            [ref_grads[i] for i in argnums],
+            GRAD_TOL[jnp.float32],
+        )
+
 
 @functools.cache
 def _solve_fn(flow_cls, uniform, kernel):
@@ -241,10 +263,14 @@ def test_kernels_lower_with_triton():
     assert text.count("xla.gpu.triton") == 2
     assert "stablehlo.while" not in text
 
-    # The one-read statistics: one kernel (its backward pass is a jnp scan).
+    # The one-read statistics and their gradient: one kernel forward, one backward,
+    # and no loop over the times.
     def moments(x, s, a, b):
         one = functools.partial(affine_moments, kernel="pallas")
-        return jax.vmap(one)(x, s, face, a, b)
+        return sum(jnp.sum(y) for y in jax.vmap(one)(x, s, face, a, b))
 
-    lowered = jax.jit(moments).trace(x, s, a, b).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == 1
+    grad = jax.grad(moments, argnums=(0, 1, 2, 3))
+    lowered = jax.jit(grad).trace(x, s, a, b).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("xla.gpu.triton") == 2
+    assert "stablehlo.while" not in text

@@ -134,9 +134,11 @@ def affine_moments(
     normaliser pass of the trajectory kernel, with two more sums per time (see
     `_accumulate`).
 
-    Derivatives by a custom VJP: the backward pass recomputes `p(t)` time after time
-    from `(x, s)` and the saved `(top, lse, entropy, mean_s)`, so reverse mode keeps
-    nothing of size `(times, vocab)` either. It is written in jnp for both kernels.
+    Derivatives by a custom VJP: the backward pass recomputes `p(t)` from `(x, s)` and
+    the saved `(top, lse, entropy, mean_s)`, so reverse mode keeps nothing of size
+    `(times, vocab)` either: with `"jnp"` time after time (`lax.scan`), with `"pallas"`
+    in one more kernel that reads `(x, s)` once and writes their cotangents once (the
+    forward kernel also counts the tokens at `top`, which the backward pass needs).
     Forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) is not available here.
     """
     x, s, a, b, block_v = _prepare(x, s, face, a, b, kernel, block_v)
@@ -175,22 +177,30 @@ def _over_rows(one, x, s, a, b):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _moments(x, s, a, b, kernel, interpret, block_v):
     """`(top, lse, entropy, mean_s)` of one context; `s` is `-inf` off the face."""
+    return _moments_with_ties(x, s, a, b, kernel, interpret, block_v)[:4]
+
+
+def _moments_with_ties(x, s, a, b, kernel, interpret, block_v):
+    """`_moments` and the number of tokens at `top` per time (`None` from the jnp
+    path, whose backward pass counts them itself)."""
     if kernel == "jnp":
-        return _moments_jnp(x, s, a, b)
+        return _moments_jnp(x, s, a, b) + (None,)
     times = a.shape[0]
     pallas = functools.partial(_pass_over_vocab, block_v=block_v, moments=True)
-    if interpret is None:
-        out = lax.platform_dependent(
-            x,
-            s,
-            a,
-            b,
-            cuda=functools.partial(pallas, interpret=False),
-            default=functools.partial(pallas, interpret=True),
-        )
-    else:
-        out = pallas(x, s, a, b, interpret)
+    out = _on_platform(pallas, interpret, x, s, a, b)
     return tuple(y[:times] for y in out)
+
+
+def _on_platform(kernel, interpret, *args):
+    """`kernel(*args, interpret)`: Triton when lowering for a CUDA GPU and the Pallas
+    interpreter elsewhere (`interpret=None`), or as `interpret` says."""
+    if interpret is not None:
+        return kernel(*args, interpret=interpret)
+    return lax.platform_dependent(
+        *args,
+        cuda=functools.partial(kernel, interpret=False),
+        default=functools.partial(kernel, interpret=True),
+    )
 
 
 def _moments_jnp(x, s, a, b):
@@ -223,8 +233,8 @@ def _moments_jnp(x, s, a, b):
 
 
 def _moments_fwd(x, s, a, b, kernel, interpret, block_v):
-    out = _moments(x, s, a, b, kernel, interpret, block_v)
-    return out, (x, s, a, b, out)
+    *out, ties = _moments_with_ties(x, s, a, b, kernel, interpret, block_v)
+    return tuple(out), (x, s, a, b, tuple(out), ties)
 
 
 def _moments_bwd(kernel, interpret, block_v, residuals, cotangents):
@@ -236,46 +246,129 @@ def _moments_bwd(kernel, interpret, block_v, residuals, cotangents):
 
     and `dθ = a ds + s da + b dx + x db` on the face (the slope of `a` where `s = 0`
     as in `_theta`). The weights `w` of `dθ` are summed over the times into the
-    cotangents of `s` and `x` (one `(vocab,)` accumulator each) and reduced against
-    `s` and `x` for those of `a` and `b`."""
-    del kernel, interpret, block_v
-    x, s, a, b, (top, lse, entropy, mean_s) = residuals
+    cotangents of `s` and `x` and reduced against `s` and `x` for those of `a` and
+    `b`: in jnp time after time (one `(vocab,)` accumulator each), or with `"pallas"`
+    in one kernel that reads `(x, s)` once and writes the two cotangents once."""
+    x, s, a, b, (top, lse, entropy, mean_s), ties = residuals
     on = s > -jnp.inf
     s0 = jnp.where(on, s, 0)
-    num_on, num_top = jnp.sum(on), jnp.sum(on & (s0 == 0))
+    if x is None:  # `θ = a s` peaks at 0 on the top tokens, everywhere if `a = 0`
+        num_on, num_top = jnp.sum(on), jnp.sum(on & (s0 == 0))
+        ties = jnp.where(a == 0, num_on, num_top).astype(s.dtype)
+    per_time = (a, b, top, lse, entropy, mean_s) + tuple(cotangents)
+    if kernel == "pallas":
+        backward = functools.partial(_moments_backward_pass, block_v=block_v)
+        dx, ds, da, db = _on_platform(backward, interpret, x, s, ties, *per_time)
+        return dx, ds, da, db
 
-    def at(carry, per_time):
+    if x is not None and ties is None:
+        ties = jnp.zeros_like(a)  # counted time after time in `_weights`
+
+    def at(carry, per_time_k):
         ds, dx = carry
-        (ak, bk, top_k, lse_k, ent_k, mean_k), (g_top, g_lse, g_ent, g_mean) = per_time
-        theta = _theta(x, s, ak[None], bk[None])[0]
-        alive = theta > -jnp.inf
-        log_q = jnp.where(alive, theta - lse_k, 0)
-        q = jnp.where(alive, jnp.exp(log_q), 0)
-        if x is None:  # `θ = a s` peaks at 0 on the top tokens, everywhere if `a = 0`
-            tied = on & ((s0 == 0) | (ak == 0))
-            count = jnp.where(ak == 0, num_on, num_top)
-        else:
-            tied = alive & (theta == top_k)
-            count = jnp.sum(tied)
-        share = g_top / jnp.maximum(count, 1).astype(s.dtype)
-        w = jnp.where(tied, share, 0) + q * (
-            g_lse - g_ent * (log_q + ent_k) + g_mean * (s0 - mean_k)
-        )
-        slope = jnp.where(s0 == 0, jnp.where(jnp.abs(ak) < jnp.inf, ak, 0), ak)
-        ds = ds + jnp.where(w == 0, 0, slope * w) + g_mean * q
+        column = [y[None] for y in per_time_k]
+        w, q, slope = _weights(x, s, *column)
+        g_mean = column[9][:, None]
+        ds = ds + jnp.where(w == 0, 0, slope * w)[0] + (g_mean * q)[0]
         if x is not None:
-            dx = dx + bk * w
-        da = jnp.sum(w * s0)
-        db = None if x is None else jnp.sum(w * x)
+            dx = dx + (column[1][:, None] * w)[0]
+        da = jnp.sum(w * s0[None, :])
+        db = None if x is None else jnp.sum(w * x[None, :])
         return (ds, dx), (da, db)
 
     init = (jnp.zeros_like(s0), None if x is None else jnp.zeros_like(x))
-    per_time = ((a, b, top, lse, entropy, mean_s), cotangents)
-    (ds, dx), (da, db) = lax.scan(at, init, per_time)
+    (ds, dx), (da, db) = lax.scan(at, init, per_time + (ties,))
     ds = jnp.where(on, ds, 0)
     if x is not None:
         dx = jnp.where(on, dx, 0)
     return dx, ds, da, jnp.zeros_like(b) if db is None else db
+
+
+def _weights(x, s, a, b, top, lse, entropy, mean_s, g_top, g_lse, g_ent, g_mean, ties):
+    """The weight `w` of `dθ` in the backward pass of `_moments`, `q = p(t)` and the
+    slope of `θ` in `s`, on a tile of times × tokens: `x`, `s` of shape `(tokens,)`,
+    the rest `(times,)` (`ties`: the tokens at `top`, or 0 to count them here, on this
+    tile, which must then hold the whole vocabulary)."""
+    theta = _theta(x, s, a, b)
+    alive = theta > -jnp.inf
+    log_q = jnp.where(alive, theta - lse[:, None], 0)
+    q = jnp.where(alive, jnp.exp(log_q), 0)
+    on = (s > -jnp.inf)[None, :]
+    s0 = jnp.where(on, s[None, :], 0)
+    a = a[:, None]
+    if x is None:
+        tied = on & ((s0 == 0) | (a == 0))
+    else:
+        tied = alive & (theta == top[:, None])
+        counted = jnp.sum(jnp.where(tied, 1.0, 0.0), axis=1).astype(s.dtype)
+        ties = jnp.where(ties > 0, ties, counted)
+    share = g_top / jnp.maximum(ties, 1)
+    w = jnp.where(tied, share[:, None], 0) + q * (
+        g_lse[:, None]
+        - g_ent[:, None] * (log_q + entropy[:, None])
+        + g_mean[:, None] * (s0 - mean_s[:, None])
+    )
+    slope = jnp.where(s0 == 0, jnp.where(jnp.abs(a) < jnp.inf, a, 0), a)
+    return w, q, slope
+
+
+def _moments_backward_pass(x, s, ties, *per_time, interpret, block_v):
+    """The backward pass of `_moments` as one Pallas kernel: one program per block of
+    the vocabulary holds every time, reads `(x, s)` once and writes its block of the
+    cotangents of `s` and `x` once, with its partial sums for those of `a` and `b`
+    (added up in jnp)."""
+    vocab, times = s.shape[0], ties.shape[0]
+    padded = pl.next_power_of_2(times)
+    columns = [jnp.pad(y, (0, padded - times)) for y in per_time + (ties,)]
+    block_n = max(1, min(block_v, _TILE // padded))
+    blocks = pl.cdiv(vocab, block_n)
+    has_x = x is not None
+    inputs = (s,) + ((x,) if has_x else ()) + tuple(columns)
+    whole = [pl.BlockSpec(y.shape, lambda *_: (0,)) for y in inputs]
+    vector = pl.BlockSpec((vocab,), lambda i: (0,))
+    partial_spec = pl.BlockSpec((None, padded), lambda i: (i, 0))
+    num_vectors = 2 if has_x else 1
+    out = pl.pallas_call(
+        functools.partial(
+            _moments_backward_kernel, has_x=has_x, vocab=vocab, block_n=block_n
+        ),
+        grid=(blocks,),
+        in_specs=whole,
+        out_specs=[vector] * num_vectors + [partial_spec] * num_vectors,
+        out_shape=[jax.ShapeDtypeStruct((vocab,), s.dtype)] * num_vectors
+        + [jax.ShapeDtypeStruct((blocks, padded), s.dtype)] * num_vectors,
+        compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS),
+        interpret=interpret,
+        name="replicax_moments_backward",
+    )(*inputs)
+    if has_x:
+        ds, dx, da, db = out
+        return dx, ds, jnp.sum(da, axis=0)[:times], jnp.sum(db, axis=0)[:times]
+    ds, da = out
+    return None, ds, jnp.sum(da, axis=0)[:times], jnp.zeros_like(per_time[1])
+
+
+def _moments_backward_kernel(*refs, has_x, vocab, block_n):
+    if has_x:
+        s_ref, x_ref, *column_refs, ds_ref, dx_ref, da_ref, db_ref = refs
+    else:
+        s_ref, *column_refs, ds_ref, da_ref = refs
+        x_ref = dx_ref = db_ref = None
+    start = pl.program_id(0) * block_n
+    s, valid = _load_block(s_ref, start, block_n, vocab, -jnp.inf)
+    x = None if x_ref is None else _load_block(x_ref, start, block_n, vocab, 0.0)[0]
+    columns = [ref[...] for ref in column_refs]
+    w, q, slope = _weights(x, s, *columns)
+    on = s > -jnp.inf
+    g_mean = columns[9][:, None]
+    ds = jnp.sum(jnp.where(w == 0, 0, slope * w) + g_mean * q, axis=0)
+    window = pl.ds(start, block_n)
+    plgpu.store(ds_ref.at[window], jnp.where(on, ds, 0), mask=valid)
+    da_ref[...] = jnp.sum(w * jnp.where(on, s, 0)[None, :], axis=1)
+    if x is not None:
+        dx = jnp.sum(columns[1][:, None] * w, axis=0)
+        plgpu.store(dx_ref.at[window], jnp.where(on, dx, 0), mask=valid)
+        db_ref[...] = jnp.sum(w * x[None, :], axis=1)
 
 
 _moments.defvjp(_moments_fwd, _moments_bwd)
@@ -371,8 +464,9 @@ def _fused_forward(x, s, a, b, interpret, block_v):
 def _pass_over_vocab(x, s, a, b, interpret, block_v, *, moments):
     """Pass 1, the one read of `(x, s)`: per chunk of the vocabulary the running
     maximum of `θ` and the sums of `_accumulate` for every time, then the chunks
-    combined in jnp. Returns `(top, lse)`, with `moments` also `(entropy, mean_s)`,
-    each over the times padded to a power of two (Triton's blocks are; the padding is
+    combined in jnp. Returns `(top, lse)`, with `moments` also `(entropy, mean_s,
+    ties)` (`ties`: how many tokens sit at `top`), each over the times padded to a
+    power of two (Triton's blocks are; the padding is
     never written out)."""
     vocab, times = s.shape[0], a.shape[0]
     dtype = s.dtype
@@ -386,7 +480,7 @@ def _pass_over_vocab(x, s, a, b, interpret, block_v, *, moments):
     per_program = min(_BLOCKS_PER_PROGRAM, num_blocks)
     chunks = pl.cdiv(num_blocks, per_program)
     partial_spec = pl.BlockSpec((None, padded), lambda c: (c, 0))
-    num_out = 4 if moments else 2
+    num_out = 5 if moments else 2
     parts = pl.pallas_call(
         functools.partial(
             _normaliser_kernel,
@@ -415,7 +509,8 @@ def _pass_over_vocab(x, s, a, b, interpret, block_v, *, moments):
     gap = jnp.where(alive, parts[0] - shift[None, :], 0)
     first = jnp.sum(scale * (parts[2] + gap * parts[1]), axis=0)
     entropy = jnp.log(total) - first / total
-    return top, lse, entropy, jnp.sum(parts[3] * scale, axis=0) / total
+    ties = jnp.sum(jnp.where(parts[0] == top[None, :], parts[4], 0), axis=0)
+    return top, lse, entropy, jnp.sum(parts[3] * scale, axis=0) / total, ties
 
 
 def _load_block(ref, start, size, vocab, other):
@@ -425,7 +520,7 @@ def _load_block(ref, start, size, vocab, other):
 
 
 def _normaliser_kernel(*refs, has_x, vocab, block_v, per_program, moments=False):
-    num_out = 4 if moments else 2
+    num_out = 5 if moments else 2
     ins, outs = refs[:-num_out], refs[-num_out:]
     s_ref, a_ref, b_ref = ins[:3]
     x_ref = ins[3] if has_x else None
@@ -449,7 +544,8 @@ def _accumulate(carry, theta, s, moments):
     """One block of `θ` (times × tokens) folded into the running maximum `m` and the
     sums `Σ e`, and with `moments`, `Σ e (θ - m)` and `Σ e s`, where `e = exp(θ - m)`.
     A new maximum `m'` rescales them: `Σ e' = r Σ e`, `Σ e' (θ - m') = r (Σ e (θ - m)
-    + (m - m') Σ e)`, `Σ e' s = r Σ e s`, `r = exp(m - m')`."""
+    + (m - m') Σ e)`, `Σ e' s = r Σ e s`, `r = exp(m - m')`. With `moments` the number
+    of tokens at the maximum is counted too (for the backward pass of `_moments`)."""
     top = carry[0]
     new_top = jnp.maximum(top, jnp.max(theta, axis=1))
     # A time whose maximum is still -inf (no token of the face seen yet) keeps zero
@@ -465,7 +561,10 @@ def _accumulate(carry, theta, s, moments):
     s0 = jnp.where(alive, s[None, :], 0)
     gap = jnp.where(top > -jnp.inf, top - shift, 0)
     first = scale * (carry[2] + gap * carry[1]) + jnp.sum(e * centred, axis=1)
-    return out + (first, carry[3] * scale + jnp.sum(e * s0, axis=1))
+    # The tokens at the maximum (kept for the backward pass): restarted when it rises.
+    at_top = jnp.sum(jnp.where(alive & (theta == new_top[:, None]), 1.0, 0.0), axis=1)
+    ties = jnp.where(new_top > top, 0, carry[4]) + at_top.astype(theta.dtype)
+    return out + (first, carry[3] * scale + jnp.sum(e * s0, axis=1), ties)
 
 
 def _write_kernel(*refs, has_x, vocab, times, block_t, block_v):
