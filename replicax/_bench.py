@@ -484,6 +484,10 @@ def _summed_entropy(s, ts):
     return jnp.sum(_replicax_entropy(s, ts))
 
 
+def _summed_entropy_pallas(s, ts):
+    return jnp.sum(_replicax_entropy_pallas(s, ts))
+
+
 def _summed_entropy_generic(s, ts):
     return jnp.sum(_replicax_entropy_generic(s, ts))
 
@@ -1030,6 +1034,14 @@ class Suite:
             ("rx.path_statistics", _summed_entropy, 16 * batch * vocab * it),
             ("generic SaveAt(fn=entropy)", _summed_entropy_generic, 5 * path_bytes),
         ]
+        if not self.quick and jax.default_backend() == "gpu":
+            entries.append(
+                (
+                    "rx.path_statistics, rx.Exact(kernel='pallas')",
+                    _summed_entropy_pallas,
+                    16 * batch * vocab * it,
+                )
+            )
         for label, loss, need in entries:
             name = f"replicax jitted jax.grad, {label}"
             if not self.fits(need):
