@@ -115,14 +115,18 @@ def test_trajectory_sensitivity_closed_form(getkey, flow_cls):
 def test_grad_with_masked_tokens_is_finite(getkey):
     logits = random_logits(getkey(), (2, 6)).at[0, :3].set(-jnp.inf).at[1, :5].set(-jnp.inf)
     # (R) on the exact path, (E) on both: each ODE gradient is a compile of its own.
+    # Jitted, each gradient is one program (un-jitted, `jax.grad` compiles the forward,
+    # linearised and transposed parts of the solve separately).
     for flow_cls, method in (
         (rx.Replicator, "exact"),
         (rx.EntropicReplicator, "exact"),
         (rx.EntropicReplicator, "ode"),
     ):
-        grad = jax.grad(
-            lambda s: jnp.sum(
-                rx.entropy(rx.solve(flow_cls(s, 1.0), t1=1.0, method=method).log_p)
+        grad = jax.jit(
+            jax.grad(
+                lambda s: jnp.sum(
+                    rx.entropy(rx.solve(flow_cls(s, 1.0), t1=1.0, method=method).log_p)
+                )
             )
         )(logits)
         assert jnp.all(jnp.isfinite(grad))
