@@ -109,8 +109,13 @@ def test_time_to_exact_and_bound(getkey, flow_cls, eps):
 def test_time_to_gradient_is_implicit(getkey):
     logits = random_logits(getkey(), (8,))
     for flow_cls in FLOWS:
-        f = lambda s: rx.time_to(flow_cls(s, 0.9), 1e-3)
-        grad = jax.grad(f)(logits)
+        # One jitted program gives the gradient and the values the finite differences
+        # need (rather than the un-jitted gradient's programs and a second for f).
+        value_and_grad = jax.jit(
+            jax.value_and_grad(lambda s: rx.time_to(flow_cls(s, 0.9), 1e-3))
+        )
+        f = lambda s: value_and_grad(s)[0]
+        grad = value_and_grad(logits)[1]
         h = 1e-6
         eye = jnp.eye(8, dtype=logits.dtype)
         fd = jnp.stack([(f(logits + h * e) - f(logits - h * e)) / (2 * h) for e in eye])
