@@ -5,6 +5,7 @@ with a computation of its own (longdouble closed forms, a numpy top-p rule), and
 PNG an example writes must be a non-empty PNG file.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -395,26 +396,77 @@ def test_examples_exist():
 RUN_ELSEWHERE = ("paper_claims.py",)
 
 
-@pytest.mark.parametrize(
-    "path", [p for p in EXAMPLES if p.name not in RUN_ELSEWHERE], ids=lambda p: p.name
-)
-def test_example_runs(path, tmp_path):
+# The examples run as scripts (`__main__`, each in a working folder of its own) in one
+# Python process, rather than one process each: Python, JAX, replicax, matplotlib and
+# torch start once instead of once per example (about 3 CPU seconds each). An example
+# that switches float64 on (a global JAX setting) runs after those that do not, so that
+# each sees the configuration it would see alone.
+RUNNER = """
+import contextlib, io, json, os, runpy, sys, traceback
+
+out = {}
+for path, folder in json.loads(sys.argv[1]):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    sys.argv = [path]
+    os.chdir(folder)
+    ok = True
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as exit:
+            ok = exit.code in (None, 0)
+        except BaseException:
+            traceback.print_exc()
+            ok = False
+    out[path] = dict(ok=ok, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def example_runs(request, tmp_path_factory):
+    # The examples whose test was collected (all, unless a selection was made).
+    selected = {
+        item.callspec.params["path"]
+        for item in request.session.items
+        if item.originalname == "test_example_runs"
+    }
+    paths = [p for p in EXAMPLES if p in selected]
+    paths.sort(key=lambda p: "jax_enable_x64" in p.read_text())  # float64 last
+    folders = {p.name: tmp_path_factory.mktemp(p.stem) for p in paths}
     # The examples run against this checkout's replicax, whatever is installed.
-    paths = [str(ROOT), os.environ.get("PYTHONPATH")]
-    pythonpath = os.pathsep.join(p for p in paths if p)
+    pythonpath = os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
+    )
     out = subprocess.run(
-        [sys.executable, str(path)],
-        cwd=tmp_path,
+        [
+            sys.executable,
+            "-c",
+            RUNNER,
+            json.dumps([(str(p), str(folders[p.name])) for p in paths]),
+        ],
+        cwd=tmp_path_factory.mktemp("runner"),
         env={**os.environ, "PYTHONPATH": pythonpath},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=300 * len(paths),
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    CHECKERS[path.name](out.stdout)
+    runs = json.loads(out.stdout.splitlines()[-1])
+    return {pathlib.Path(p).name: (run, folders[pathlib.Path(p).name])
+            for p, run in runs.items()}
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in EXAMPLES if p.name not in RUN_ELSEWHERE], ids=lambda p: p.name
+)
+def test_example_runs(path, example_runs):
+    run, folder = example_runs[path.name]
+    assert run["ok"], run["stderr"][-3000:]
+    CHECKERS[path.name](run["stdout"])
     # Figures: an example that saves one (a ".png" in its source) must write it, and
     # whatever it writes must be a real, non-empty PNG.
-    pngs = sorted(tmp_path.rglob("*.png"))
+    pngs = sorted(folder.rglob("*.png"))
     if ".png" in path.read_text():
         assert pngs, f"{path.name} wrote no PNG"
     for png in pngs:

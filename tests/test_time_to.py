@@ -189,13 +189,15 @@ def test_zero_when_already_within_eps(getkey, flow_cls):
     y0 = np.stack([np.full(VOCAB, 1 / VOCAB), np.eye(VOCAB)[7], y0, y0])
     eps = np.array([1e-300, 1e-300, 1.001 * start, 0.999 * start])
 
-    def f(logits):
-        return rx.time_to(flow_cls(logits, TEMPERATURE), eps, y0=y0)
+    def loss(logits):
+        t = rx.time_to(flow_cls(logits, TEMPERATURE), eps, y0=y0)
+        return jnp.sum(t), t
 
-    t = np.asarray(f(jnp.asarray(logits)))
+    # One compiled program gives the times and the gradient of their sum.
+    (_, t), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(logits))
+    t, grad = np.asarray(t), np.asarray(grad)
     np.testing.assert_array_equal(t[:3], 0.0)
     assert t[3] > 0
-    grad = np.asarray(jax.grad(lambda s: jnp.sum(f(s)))(jnp.asarray(logits)))
     finite = np.isfinite(logits)
     np.testing.assert_array_equal(grad[:3][finite[:3]], 0.0)
     assert np.all(np.isfinite(grad[3][finite[3]]))
@@ -206,18 +208,29 @@ def test_zero_when_already_within_eps(getkey, flow_cls):
 # Gradients
 
 
+def _time_to_loss(flow_cls, logits, temperature, log_eps, start):
+    flow = flow_cls(logits, temperature)
+    return rx.time_to(flow, jnp.exp(log_eps), log_y0=jax.nn.log_softmax(start))
+
+
+# One compiled program per flow, shared by both values of eps, gives the gradients and
+# the values the finite differences need.
+_time_to_value_and_grad = jax.jit(
+    jax.value_and_grad(_time_to_loss, argnums=(1, 2, 3, 4)), static_argnums=0
+)
+
+
 @pytest.mark.parametrize("flow_cls", FLOWS)
 @pytest.mark.parametrize("eps", [1e-3, 1e-200])
 def test_implicit_gradient_matches_finite_differences(getkey, flow_cls, eps):
     logits = random_logits(getkey(), (7,), scale=2.0)
     start = random_logits(getkey(), (7,), scale=1.0)
-    args = (logits, jnp.asarray(0.8), jnp.log(jnp.asarray(eps)), start)
-
-    def f(logits, temperature, log_eps, start):
-        flow = flow_cls(logits, temperature)
-        return rx.time_to(flow, jnp.exp(log_eps), log_y0=jax.nn.log_softmax(start))
-
-    grads = jax.grad(f, argnums=(0, 1, 2, 3))(*args)
+    # Strongly typed scalars: the perturbed ones below are, and a change of weak type
+    # would compile again.
+    scalars = (jnp.asarray(0.8, jnp.float64), jnp.log(jnp.asarray(eps, jnp.float64)))
+    args = (logits, *scalars, start)
+    f = lambda *a: _time_to_value_and_grad(flow_cls, *a)[0]
+    grads = _time_to_value_and_grad(flow_cls, *args)[1]
     for i, (x, grad) in enumerate(zip(args, grads)):
         h = FD_STEP * max(1.0, float(jnp.max(jnp.abs(x))))
         fd = []
