@@ -1,5 +1,6 @@
 """Sharding over 8 CPU devices: batch (data parallel), vocabulary and 2-D shardings of
-the logits give closed-form results (solve, faces, observables, gradients) equal to one
+the logits give closed-form results (solve, faces, observables, `rx.path_statistics`,
+gradients) equal to one
 device's and keep the input's sharding, with no input gathered onto one device by XLA
 ("involuntary full rematerialization"); the ODE path and the other entry points built
 on diffrax or optimistix refuse explicitly sharded inputs with a message whose two
@@ -36,6 +37,7 @@ SCRIPT = textwrap.dedent(
     logits = 3.0 * jax.random.normal(jax.random.key(0), (16, 64), jnp.float32)
     ts = jnp.linspace(0.0, 2.0, 5)
     fn = lambda t, log_p, flow: rx.entropy(log_p)
+    score_scale = float(jnp.max(jnp.abs(logits)))
     worst = {}
 
     def check(name, a, b, spec):
@@ -69,6 +71,11 @@ SCRIPT = textwrap.dedent(
         out["observables"] = rx.solve(rx.EntropicReplicator(s, 0.7), t1=2.0,
                                       saveat=rx.SaveAt(ts=ts, fn=fn)).observables
         out["grad"] = jax.grad(loss)(s)
+        # The one-read statistics and their custom VJP.
+        stats = lambda s: rx.solve(rx.Replicator(s, 0.7), t1=2.0, saveat=rx.SaveAt(
+            ts=ts, fn=rx.path_statistics)).observables
+        out["statistics"] = stats(s)
+        out["statistics grad"] = jax.grad(lambda s: jnp.sum(stats(s).entropy))(s)
         return out
 
     one = jax.jit(everything)(logits)
@@ -90,6 +97,18 @@ SCRIPT = textwrap.dedent(
             check(f"{case} observables", got["observables"], one["observables"],
                   (rows, None))
             check(f"{case} grad", got["grad"], one["grad"], (rows, vocab))
+            for field in ("entropy", "top_prob"):
+                check(f"{case} statistics {field}", getattr(got["statistics"], field),
+                      getattr(one["statistics"], field), (rows, None))
+            # A mean of scores rounds relative to the scores, not to itself: compared
+            # in units of the largest logit.
+            mean_score = got["statistics"].mean_score
+            check(f"{case} statistics mean_score / max |logit|",
+                  mean_score / score_scale,
+                  one["statistics"].mean_score / score_scale, None)
+            assert mean_score.sharding.spec[0] == rows, mean_score.sharding
+            check(f"{case} statistics grad", got["statistics grad"],
+                  one["statistics grad"], (rows, vocab))
             check(f"{case} un-jitted", un_jitted(sharded), one_un_jitted,
                   (rows, None, vocab))
             # The run-time checks still fire on sharded inputs, naming the batch index
