@@ -1,8 +1,8 @@
 """Sharding over 8 CPU devices: batch (data parallel), vocabulary and 2-D shardings of
 the logits give closed-form results (solve, faces, observables, `rx.path_statistics`,
-gradients) equal to one
-device's and keep the input's sharding, with no input gathered onto one device by XLA
-("involuntary full rematerialization"); the ODE path and the other entry points built
+gradients) equal to one device's and keep the input's sharding, with no input gathered
+onto one device by XLA ("involuntary full rematerialization"); the ODE path and the
+other entry points built
 on diffrax or optimistix refuse explicitly sharded inputs with a message whose two
 workarounds are checked here (issue: GPU performance and scale, item 4).
 
