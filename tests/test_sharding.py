@@ -2,9 +2,9 @@
 the logits give closed-form results (solve, faces, observables, `rx.path_statistics`,
 gradients) equal to one device's and keep the input's sharding, with no input gathered
 onto one device by XLA ("involuntary full rematerialization"); the ODE path and the
-other entry points built
-on diffrax or optimistix refuse explicitly sharded inputs with a message whose two
-workarounds are checked here (issue: GPU performance and scale, item 4).
+other entry points built on diffrax or optimistix refuse explicitly sharded inputs with
+a message whose two workarounds are checked here (issue: GPU performance and scale,
+item 4).
 
 The device count is fixed when JAX starts, so the checks run in one subprocess started
 with `--xla_force_host_platform_device_count=8`.
