@@ -247,8 +247,9 @@ def _moments_bwd(kernel, interpret, block_v, residuals, cotangents):
     and `dθ = a ds + s da + b dx + x db` on the face (the slope of `a` where `s = 0`
     as in `_theta`). The weights `w` of `dθ` are summed over the times into the
     cotangents of `s` and `x` and reduced against `s` and `x` for those of `a` and
-    `b`: in jnp time after time (one `(vocab,)` accumulator each), or with `"pallas"`
-    in one kernel that reads `(x, s)` once and writes the two cotangents once."""
+    `b` (`_tile_cotangents`): in jnp time after time (one `(vocab,)` accumulator
+    each), or with `"pallas"` in one kernel that reads `(x, s)` once and writes the
+    two cotangents once."""
     x, s, a, b, (top, lse, entropy, mean_s), ties = residuals
     on = s > -jnp.inf
     s0 = jnp.where(on, s, 0)
@@ -258,46 +259,42 @@ def _moments_bwd(kernel, interpret, block_v, residuals, cotangents):
     per_time = (a, b, top, lse, entropy, mean_s) + tuple(cotangents)
     if kernel == "pallas":
         backward = functools.partial(_moments_backward_pass, block_v=block_v)
-        dx, ds, da, db = _on_platform(backward, interpret, x, s, ties, *per_time)
-        return dx, ds, da, db
+        return _on_platform(backward, interpret, x, s, ties, *per_time)
 
     if x is not None and ties is None:
-        ties = jnp.zeros_like(a)  # counted time after time in `_weights`
+        ties = jnp.zeros_like(a)  # counted time after time in `_tile_cotangents`
 
     def at(carry, per_time_k):
-        ds, dx = carry
-        column = [y[None] for y in per_time_k]
-        w, q, slope = _weights(x, s, *column)
-        g_mean = column[9][:, None]
-        ds = ds + jnp.where(w == 0, 0, slope * w)[0] + (g_mean * q)[0]
-        if x is not None:
-            dx = dx + (column[1][:, None] * w)[0]
-        da = jnp.sum(w * s0[None, :])
-        db = None if x is None else jnp.sum(w * x[None, :])
-        return (ds, dx), (da, db)
+        ds, dx, da, db = _tile_cotangents(x, s, *(y[None] for y in per_time_k))
+        carry = (carry[0] + ds, None if x is None else carry[1] + dx)
+        return carry, (da[0], None if db is None else db[0])
 
     init = (jnp.zeros_like(s0), None if x is None else jnp.zeros_like(x))
     (ds, dx), (da, db) = lax.scan(at, init, per_time + (ties,))
-    ds = jnp.where(on, ds, 0)
-    if x is not None:
-        dx = jnp.where(on, dx, 0)
     return dx, ds, da, jnp.zeros_like(b) if db is None else db
 
 
-def _weights(x, s, a, b, top, lse, entropy, mean_s, g_top, g_lse, g_ent, g_mean, ties):
-    """The weight `w` of `dθ` in the backward pass of `_moments`, `q = p(t)` and the
-    slope of `θ` in `s`, on a tile of times × tokens: `x`, `s` of shape `(tokens,)`,
-    the rest `(times,)` (`ties`: the tokens at `top`, or 0 to count them here, on this
-    tile, which must then hold the whole vocabulary)."""
+def _tile_cotangents(
+    x, s, a, b, top, lse, entropy, mean_s, g_top, g_lse, g_ent, g_mean, ties
+):
+    """The backward pass of `_moments` on a tile of times × tokens: `x`, `s` of shape
+    `(tokens,)`, the rest `(times,)` (`ties`: the tokens at `top`, or 0 to count them
+    here, on this tile, which must then hold the whole vocabulary). Returns the
+    cotangents of `s` and `x` summed over the tile's times (`0` off the face; `None`
+    for `x` from a uniform start) and those of `a` and `b` summed over its tokens.
+
+    With `q = p(t)` recomputed, the weight `w` of `dθ` is `share · 1_top + q (g_lse -
+    g_ent (log q + entropy) + g_mean (s - mean_s))`, and `d mean_s` also has `<q, ds>`.
+    """
     theta = _theta(x, s, a, b)
     alive = theta > -jnp.inf
     log_q = jnp.where(alive, theta - lse[:, None], 0)
     q = jnp.where(alive, jnp.exp(log_q), 0)
-    on = (s > -jnp.inf)[None, :]
-    s0 = jnp.where(on, s[None, :], 0)
+    on = s > -jnp.inf
+    s0 = jnp.where(on, s, 0)[None, :]
     a = a[:, None]
     if x is None:
-        tied = on & ((s0 == 0) | (a == 0))
+        tied = on[None, :] & ((s0 == 0) | (a == 0))
     else:
         tied = alive & (theta == top[:, None])
         counted = jnp.sum(jnp.where(tied, 1.0, 0.0), axis=1).astype(s.dtype)
@@ -309,7 +306,13 @@ def _weights(x, s, a, b, top, lse, entropy, mean_s, g_top, g_lse, g_ent, g_mean,
         + g_mean[:, None] * (s0 - mean_s[:, None])
     )
     slope = jnp.where(s0 == 0, jnp.where(jnp.abs(a) < jnp.inf, a, 0), a)
-    return w, q, slope
+    ds = jnp.sum(jnp.where(w == 0, 0, slope * w) + g_mean[:, None] * q, axis=0)
+    ds = jnp.where(on, ds, 0)
+    da = jnp.sum(w * s0, axis=1)
+    if x is None:
+        return ds, None, da, None
+    dx = jnp.where(on, jnp.sum(b[:, None] * w, axis=0), 0)
+    return ds, dx, da, jnp.sum(w * x[None, :], axis=1)
 
 
 def _moments_backward_pass(x, s, ties, *per_time, interpret, block_v):
@@ -357,18 +360,13 @@ def _moments_backward_kernel(*refs, has_x, vocab, block_n):
     start = pl.program_id(0) * block_n
     s, valid = _load_block(s_ref, start, block_n, vocab, -jnp.inf)
     x = None if x_ref is None else _load_block(x_ref, start, block_n, vocab, 0.0)[0]
-    columns = [ref[...] for ref in column_refs]
-    w, q, slope = _weights(x, s, *columns)
-    on = s > -jnp.inf
-    g_mean = columns[9][:, None]
-    ds = jnp.sum(jnp.where(w == 0, 0, slope * w) + g_mean * q, axis=0)
+    ds, dx, da, db = _tile_cotangents(x, s, *(ref[...] for ref in column_refs))
     window = pl.ds(start, block_n)
-    plgpu.store(ds_ref.at[window], jnp.where(on, ds, 0), mask=valid)
-    da_ref[...] = jnp.sum(w * jnp.where(on, s, 0)[None, :], axis=1)
+    plgpu.store(ds_ref.at[window], ds, mask=valid)
+    da_ref[...] = da
     if x is not None:
-        dx = jnp.sum(columns[1][:, None] * w, axis=0)
-        plgpu.store(dx_ref.at[window], jnp.where(on, dx, 0), mask=valid)
-        db_ref[...] = jnp.sum(w * x[None, :], axis=1)
+        plgpu.store(dx_ref.at[window], dx, mask=valid)
+        db_ref[...] = db
 
 
 _moments.defvjp(_moments_fwd, _moments_bwd)
@@ -419,16 +417,8 @@ def _time_block(num_times_padded: int, block_v: int) -> int:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _fused(x, s, a, b, interpret, block_v):
     """`log_softmax(θ)` of one context by the two Pallas kernels."""
-    if interpret is not None:
-        return _fused_forward(x, s, a, b, interpret, block_v)
-    return lax.platform_dependent(
-        x,
-        s,
-        a,
-        b,
-        cuda=functools.partial(_fused_forward, interpret=False, block_v=block_v),
-        default=functools.partial(_fused_forward, interpret=True, block_v=block_v),
-    )
+    forward = functools.partial(_fused_forward, block_v=block_v)
+    return _on_platform(forward, interpret, x, s, a, b)
 
 
 def _fused_forward(x, s, a, b, interpret, block_v):
