@@ -409,17 +409,11 @@ def _replicax_kernel_path(kernel, s, ts):
     return rx.solve(flow, t1=ts[-1], saveat=rx.SaveAt(ts=ts), method=method).log_p
 
 
-def _replicax_entropy(s, ts):
+def _replicax_entropy(s, ts, kernel="auto"):
     # The one-read path: `rx.path_statistics` (entropy, top probability, mean score).
     flow = rx.Replicator(s, TEMPERATURE)
     saveat = rx.SaveAt(ts=ts, fn=rx.path_statistics)
-    return rx.solve(flow, t1=ts[-1], saveat=saveat).observables.entropy
-
-
-def _replicax_entropy_pallas(s, ts):
-    flow = rx.Replicator(s, TEMPERATURE)
-    saveat = rx.SaveAt(ts=ts, fn=rx.path_statistics)
-    method = rx.Exact(kernel="pallas")
+    method = rx.Exact(kernel=kernel)
     return rx.solve(flow, t1=ts[-1], saveat=saveat, method=method).observables.entropy
 
 
@@ -436,7 +430,7 @@ def _ode_flow(s):
     return rx.EntropicReplicator(score, TEMPERATURE)
 
 
-def _replicax_ode(s, ts, rtol):
+def _replicax_ode(s, ts, rtol=1e-6):
     sol = rx.solve(
         _ode_flow(s),
         t1=ts[-1],
@@ -480,12 +474,8 @@ def _plain_diffrax_ode(s, ts):
     return jax.vmap(one)(s)
 
 
-def _summed_entropy(s, ts):
-    return jnp.sum(_replicax_entropy(s, ts))
-
-
-def _summed_entropy_pallas(s, ts):
-    return jnp.sum(_replicax_entropy_pallas(s, ts))
+def _summed_entropy(s, ts, kernel="auto"):
+    return jnp.sum(_replicax_entropy(s, ts, kernel))
 
 
 def _summed_entropy_generic(s, ts):
@@ -818,7 +808,7 @@ class Suite:
             entries.append(
                 (
                     "replicax rx.path_statistics, rx.Exact(kernel='pallas')",
-                    _replicax_entropy_pallas,
+                    functools.partial(_replicax_entropy, kernel="pallas"),
                 )
             )
         for name, fn in entries:
@@ -915,10 +905,9 @@ class Suite:
             self.no_fit("c", batch, vocab, name, "baseline", need)
         name = "replicax rx.solve, ODE path (Tsit5 on log p, 1e-6)"
         if self.fits(need):
-            run = functools.partial(_replicax_ode, s, ts, 1e-6)
             m = measure_direct(
-                run,
-                lambda s, ts: _replicax_ode(s, ts, 1e-6),
+                functools.partial(_replicax_ode, s, ts),
+                _replicax_ode,
                 (s, ts),
                 self.repeats,
                 not self.quick,
@@ -962,7 +951,7 @@ class Suite:
         if options is None:
             return
         m = measure_jitted(
-            lambda s, ts: _replicax_ode(s, ts, 1e-6),
+            _replicax_ode,
             (s, ts),
             self.repeats,
             compiler_options=options,
@@ -1038,7 +1027,7 @@ class Suite:
             entries.append(
                 (
                     "rx.path_statistics, rx.Exact(kernel='pallas')",
-                    _summed_entropy_pallas,
+                    functools.partial(_summed_entropy, kernel="pallas"),
                     16 * batch * vocab * it,
                 )
             )
