@@ -21,6 +21,14 @@ KL_FLOOR = 1e-8
 _LINESTYLES = ("-", "--", ":", "-.")
 
 
+def _times(ts) -> np.ndarray:
+    """`ts` as a one-dimensional float array; `ValueError` naming it otherwise."""
+    ts = np.asarray(ts, dtype=float)
+    if ts.ndim != 1:
+        raise ValueError(f"`ts` must be one-dimensional; received shape {ts.shape}.")
+    return ts
+
+
 def _import_matplotlib():
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -69,9 +77,7 @@ def plot_entropy_kl(
     curve does not have the shape of `ts`.
     """
     Figure, FigureCanvasAgg = _import_matplotlib()
-    ts = np.asarray(ts, dtype=float)
-    if ts.ndim != 1:
-        raise ValueError(f"`ts` must be one-dimensional; received shape {ts.shape}.")
+    ts = _times(ts)
     if not curves:
         raise ValueError("`curves` is empty: nothing to plot.")
 
@@ -374,9 +380,7 @@ def plot_observables(
     not name each row.
     """
     Figure, FigureCanvasAgg = _import_matplotlib()
-    ts = np.asarray(ts, dtype=float)
-    if ts.ndim != 1:
-        raise ValueError(f"`ts` must be one-dimensional; received shape {ts.shape}.")
+    ts = _times(ts)
     if not series:
         raise ValueError("no series given: pass them as keywords, e.g. `entropy=...`.")
     log_names = set(series) if log is True else set(() if log is False else log)
