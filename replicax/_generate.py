@@ -527,23 +527,19 @@ def _check_model(logits_fn, prompt, state, batch, jit):
             )
         return out
 
-    try:
-        first = jax.eval_shape(logits_fn, prompt, state)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            "`logits_fn(tokens, state)` failed on the prompt, tokens of shape "
-            f"{prompt.shape}: {type(error).__name__}: {error}"
-        ) from error
-    logits, state1 = describe(f"the prompt {prompt.shape}", first)
+    def probe(what, tokens, state):
+        try:
+            out = jax.eval_shape(logits_fn, tokens, state)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"`logits_fn(tokens, state)` failed on {what}, tokens of shape "
+                f"{tokens.shape}: {type(error).__name__}: {error}"
+            ) from error
+        return describe(f"{what} {tokens.shape}", out)
+
+    logits, state1 = probe("the prompt", prompt, state)
     one = jax.ShapeDtypeStruct((batch, 1), prompt.dtype)
-    try:
-        second = jax.eval_shape(logits_fn, one, state1)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            "`logits_fn(tokens, state)` failed on one token per row, tokens of shape "
-            f"{(batch, 1)}: {type(error).__name__}: {error}"
-        ) from error
-    logits2, state2 = describe(f"one token per row {(batch, 1)}", second)
+    logits2, state2 = probe("one token per row", one, state1)
     same_state = jtu.tree_structure(state1) == jtu.tree_structure(state2) and all(
         a.shape == b.shape and a.dtype == b.dtype
         for a, b in zip(jtu.tree_leaves(state1), jtu.tree_leaves(state2), strict=True)
