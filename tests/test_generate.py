@@ -440,6 +440,17 @@ def test_bad_arguments():
             call(**kwargs)
     with pytest.raises(TypeError, match="logits_fn"):
         rx.generate(3, prompt, h0, max_new_tokens=2)
+
+    # A model that raises while traced, on the prompt or on the one-token steps.
+    for one_token, what in ((False, "the prompt"), (True, "one token per row")):
+
+        def fails(x, h, one_token=one_token):
+            if (x.shape[1] == 1) == one_token:
+                raise ValueError("unsupported length")
+            return jnp.zeros((3, 4)), h
+
+        with pytest.raises(TypeError, match=f"failed on {what}, tokens of shape"):
+            rx.generate(fails, prompt, h0, max_new_tokens=2)
     with pytest.raises(ValueError, match="`logits_fn` must return next-token logits"):
         rx.generate(
             lambda x, h: (jnp.zeros((3, 2, 4)), h), prompt, h0, max_new_tokens=2
