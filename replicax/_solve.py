@@ -23,7 +23,6 @@ from ._rows import (
     prepare_times,
     Rows,
     saved_times,
-    vmap_rows,
 )
 from ._saveat import SaveAt
 from ._solution import Trajectory
@@ -31,19 +30,6 @@ from ._solution import Trajectory
 
 # The default `saveat` (built once: a module is immutable, and building one costs).
 _SAVE_T1 = SaveAt(t1=True)
-
-# The keyword arguments of `solve` that configure `ODE` (shorthand for `method=ODE(...)`).
-_ODE_OPTIONS = (
-    "solver",
-    "stepsize_controller",
-    "rtol",
-    "atol",
-    "dt0",
-    "adjoint",
-    "max_steps",
-    "throw",
-    "progress_meter",
-)
 
 
 def solve(
@@ -65,6 +51,7 @@ def solve(
     adjoint: diffrax.AbstractAdjoint | None = None,
     max_steps: int | None = None,
     throw: bool | None = None,
+    shared_steps: bool | None = None,
     progress_meter: diffrax.AbstractProgressMeter | None = None,
 ) -> Trajectory:
     """Runs `flow` from `t0` to `t1` for every context of the batch.
@@ -100,9 +87,10 @@ def solve(
         `rx.Exact()` and `rx.ODE(...)`; `"auto"` (default) picks `rx.Exact()` when the
         score is constant and no option of the ODE path below was given, else `rx.ODE`.
     - `solver`, `stepsize_controller`, `rtol`, `atol`, `dt0`, `adjoint`, `max_steps`,
-        `throw`, `progress_meter`: shorthand for `method=rx.ODE(solver=..., ...)` (see
-        `rx.ODE` for each); giving any of them selects the ODE path under `"auto"`, and
-        they are refused with `method="exact"` or a method object.
+        `throw`, `shared_steps`, `progress_meter`: shorthand for
+        `method=rx.ODE(solver=..., ...)` (see `rx.ODE` for each); giving any of them
+        selects the ODE path under `"auto"`, and they are refused with `method="exact"`
+        or a method object.
 
     **Returns:**
 
@@ -139,6 +127,7 @@ def solve(
         adjoint=adjoint,
         max_steps=max_steps,
         throw=throw,
+        shared_steps=shared_steps,
         progress_meter=progress_meter,
     )
     given = {k: v for k, v in given.items() if v is not None}
@@ -244,5 +233,5 @@ def _as_method(method, flow: AbstractFlow, given: dict[str, Any]) -> AbstractMet
 @eqx.debug.assert_max_traces(max_traces=None)
 def _solve_rows(rows: Rows, method: AbstractMethod, t0, t1, saveat: SaveAt):
     save_ts = saved_times(t0, t1, saveat)
-    out = vmap_rows(lambda row: method.solve_row(row, t0, t1, save_ts, saveat), rows)
+    out = method.solve_rows(rows, t0, t1, save_ts, saveat)
     return save_ts, out

@@ -8,7 +8,7 @@ import pytest
 import replicax as rx
 import scipy.integrate
 
-from .helpers import FLOWS, random_logits, random_simplex
+from .helpers import FLOWS, random_logits, random_simplex, tree_allclose
 
 
 # Acceptance tolerances of the core issue.
@@ -204,3 +204,85 @@ def test_state_dependent_score_under_vmap_and_batch(getkey):
     # β = 0 is the constant-score flow.
     plain = rx.solve(rx.EntropicReplicator(logits[0], 1.0), t1=2.0)
     np.testing.assert_allclose(batched.log_p[0], plain.log_p, atol=1e-8)
+
+
+# `shared_steps`: the batch as one state with one step size. Rows of very different
+# stiffness (temperatures 0.05 to 2), a history-dependent score and a given start.
+def _shared_problem(getkey):
+    logits = random_logits(getkey(), (4, 48))
+    temperature = jnp.array([0.05, 0.3, 1.0, 2.0])
+    y0 = random_simplex(getkey(), (4, 48))
+    return logits, temperature, y0
+
+
+def test_shared_steps_match_each_row_alone(getkey):
+    logits, temperature, y0 = _shared_problem(getkey)
+    ts = jnp.linspace(0.0, 3.0, 7)
+    # A history-dependent score (its memory saved too), and the observables route.
+    penalised = rx.EntropicReplicator(
+        rx.Logits(logits) + rx.FrequencyPenalty(0.3, tau=1.0, stages=2), temperature
+    )
+    fn = lambda t, log_p, flow: rx.entropy(log_p)
+    runs = {
+        (sh, f): rx.solve(
+            penalised, t1=3.0, y0=y0, saveat=rx.SaveAt(ts=ts, fn=f), shared_steps=sh,
+            rtol=1e-10, atol=1e-10,
+        )
+        for sh, f in ((False, None), (True, None), (True, fn))
+    }
+    each, together = runs[False, None], runs[True, None]
+    assert together.log_p.shape == each.log_p.shape == (4, 7, 48)
+    err = jnp.max(jnp.abs(jnp.exp(together.log_p) - jnp.exp(each.log_p)))
+    assert err <= F64_ODE_TOL
+    assert jax.tree.map(jnp.shape, together.aux) == jax.tree.map(jnp.shape, each.aux)
+    assert tree_allclose(together.aux, each.aux, rtol=0, atol=F64_ODE_TOL)
+    np.testing.assert_allclose(
+        runs[True, fn].observables, rx.entropy(together.log_p), rtol=0, atol=1e-12
+    )
+    # One count and one result for the batch, at least the stiffest row's own count.
+    steps = together.stats["num_accepted_steps"]
+    assert jnp.all(steps == steps[0])
+    assert jnp.all(together.result == rx.RESULTS.successful)
+    assert steps[0] >= jnp.max(each.stats["num_accepted_steps"])
+
+
+def test_shared_steps_gradient_and_failure(getkey):
+    # Constant scores: values and gradients of every row against the closed form.
+    logits, temperature, y0 = _shared_problem(getkey)
+
+    def loss(s, method):
+        flow = rx.EntropicReplicator(s, temperature)
+        log_p = rx.solve(flow, t1=2.0, y0=y0, method=method).log_p
+        return jnp.sum(rx.entropy(log_p)), log_p
+
+    shared = rx.ODE(rtol=1e-10, atol=1e-10, shared_steps=True)
+    (_, exact), grad_exact = jax.value_and_grad(loss, has_aux=True)(logits, rx.Exact())
+    (_, together), grad = jax.value_and_grad(loss, has_aux=True)(logits, shared)
+    err = jnp.max(jnp.abs(jnp.exp(together) - jnp.exp(exact)), axis=(1, 2))
+    assert jnp.all(err <= F64_ODE_TOL), err
+    assert jnp.max(jnp.abs(grad - grad_exact)) <= 1e-7 * jnp.max(jnp.abs(grad_exact))
+    # A failure fails the batch.
+    flow = rx.Replicator(logits, temperature)
+    sol = rx.solve(flow, t1=10.0, max_steps=2, throw=False, shared_steps=True)
+    assert jnp.all(sol.result == rx.RESULTS.max_steps_reached)
+
+
+def test_shared_steps_bad_options():
+    with pytest.raises(TypeError, match="shared_steps"):
+        rx.ODE(shared_steps="yes")
+
+    class Halving(diffrax.AbstractStepSizeController):
+        def wrap(self, direction):
+            return self
+
+        def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+            return t0 + dt0, None
+
+        def adapt_step_size(self, t0, t1, y0, y1, args, y_error, order, state):
+            raise NotImplementedError
+
+    with pytest.raises(ValueError, match="`shared_steps=True` needs a step-size"):
+        rx.ODE(stepsize_controller=Halving(), shared_steps=True)
+    # Wrapped in a clip controller, a PID controller's norm is still taken per row.
+    pid = diffrax.PIDController(rtol=1e-6, atol=1e-6)
+    rx.ODE(stepsize_controller=diffrax.ClipStepSizeController(pid), shared_steps=True)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Complex, Float, Int, PyTree
 
 from .._flows import AbstractFlow
-from .._rows import Row, Rows
+from .._rows import Row, Rows, vmap_rows
 from .._saveat import SaveAt
 from .._solution import RESULTS
 
@@ -83,6 +83,19 @@ class AbstractMethod(eqx.Module):
     ) -> RowSolution:
         """The path of one context from `t0` to `t1`, saved at `save_ts` (as `saveat`
         asks: `log_p`, or only `saveat.fn` of it)."""
+
+    def solve_rows(
+        self,
+        rows: Rows,
+        t0: Float[Array, ""],
+        t1: Float[Array, ""],
+        save_ts: Float[Array, " times"],
+        saveat: SaveAt,
+    ) -> RowSolution:
+        """The paths of every context of `rows`: a `RowSolution` whose leaves lead with
+        the batch shape. By default `solve_row` mapped over the contexts; a method that
+        couples them (one step size for the batch) overrides it."""
+        return vmap_rows(lambda row: self.solve_row(row, t0, t1, save_ts, saveat), rows)
 
     def prepare_rest_point(self, rows: Rows) -> "AbstractMethod":
         """As `prepare`, for `rx.equilibrium`. Raises `TypeError` for a method that
