@@ -33,6 +33,11 @@ class AbstractScore(eqx.Module):
     Subclasses implement `__call__(t, log_p, aux)` for a single context and, when they
     hold a history, `init_aux` and `aux_rate`. Terms add with `+`.
 
+    A term whose `__call__` ignores `log_p` (it reads only the time, its parameters and
+    its history) sets the class attribute `reads_p = False`: the ODE path then evaluates
+    the flow's field with fewer reductions over the vocabulary. The default `True` is
+    always correct.
+
     Parameters that may differ between contexts are declared in `row_fields` (field name
     to the number of trailing non-batch axes: `0` for a scalar per row, `1` for a vector
     over the vocabulary); the batch shape and the broadcasting follow from it. Each term
@@ -42,6 +47,10 @@ class AbstractScore(eqx.Module):
     # `True` when the score depends neither on time, nor on the state, nor on a history:
     # then the flows have closed forms and `solve` uses them.
     is_constant: ClassVar[bool] = False
+    # `False` when `__call__` ignores `log_p` (it may read the time and the history):
+    # the ODE path then evaluates the field in fewer passes over the vocabulary
+    # (`AbstractFlow.state_rate`). `True` is always safe.
+    reads_p: ClassVar[bool] = True
     row_fields: ClassVar[dict[str, int]] = {}
     # The field that fixes the vocabulary size, named when terms disagree on it.
     vocab_field: ClassVar[str | None] = None
@@ -145,6 +154,7 @@ class Logits(AbstractScore):
     """
 
     is_constant: ClassVar[bool] = True
+    reads_p: ClassVar[bool] = False
     row_fields: ClassVar[dict[str, int]] = {"logits": 1}
     vocab_field: ClassVar[str | None] = "logits"
     logits: Float[Array, "*batch vocab"]
@@ -348,6 +358,7 @@ class AbstractMemoryScore(AbstractScore):
     score with `score_of_memory`.
     """
 
+    reads_p: ClassVar[bool] = False
     tau: Float[Array, "*tau_batch"] | None
     memory0: Float[Array, "*memory_batch vocab"] | None
     stages: int = eqx.field(static=True)
@@ -678,6 +689,10 @@ class ScoreSum(AbstractScore):
     @property
     def is_constant(self):  # pyright: ignore[reportIncompatibleVariableOverride]
         return all(term.is_constant for term in self.terms)
+
+    @property
+    def reads_p(self):  # pyright: ignore[reportIncompatibleVariableOverride]
+        return any(term.reads_p for term in self.terms)
 
     def __call__(self, t, log_p, aux):
         # Terms may hold parameters of other dtypes (float32 logits, a float64 payoff):

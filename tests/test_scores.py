@@ -433,3 +433,58 @@ def test_bad_memory0():
         match=r"`memory0` must be finite and >= 0; it is not at batch index \(1,\)",
     ):
         jax.block_until_ready(_run(flow))
+
+
+# The fused field of scores that do not read `p` (two reductions instead of four) equals
+# the definition, `log_rate` on `readout(θ)`, with its derivative (float64).
+FUSED_TOL = 1e-12
+T_SAMPLE = jnp.asarray(0.3)
+
+
+@pytest.mark.parametrize("flow_cls", (rx.Replicator, rx.EntropicReplicator))
+def test_fused_field_equals_definition(getkey, flow_cls):
+    logits = random_logits(getkey(), (40,), scale=30.0).at[:3].set(-jnp.inf)
+    memory = random_simplex(getkey(), (40,))
+    face = (logits > -jnp.inf).at[5].set(False)
+    scores = {
+        "logits": rx.Logits(logits),
+        "penalties": rx.Logits(logits)
+        + rx.FrequencyPenalty(0.4, tau=1.0, stages=2, memory0=memory)
+        + rx.PresencePenalty(0.2, 5.0, memory0=memory)
+        + rx.RepetitionPenalty(1.3, 5.0, logits=jnp.where(face, logits, 0)),
+    }
+    # Log-weights that are log p plus a large constant, as the integrated state drifts.
+    theta = jnp.where(face, random_logits(getkey(), (40,)) + 50.0, 0)
+    tangent = jnp.where(face, random_logits(getkey(), (40,)), 0)
+    for name, score in scores.items():
+        assert not score.reads_p, name
+        flow = flow_cls(score, 0.7)
+        aux = score.init_aux(flow.readout(theta, face))
+
+        def fused(theta, flow=flow, aux=aux):
+            return flow.state_rate(T_SAMPLE, theta, aux, face)
+
+        def definition(theta, flow=flow, aux=aux):
+            log_p = flow.readout(theta, face)
+            rate = flow.log_rate(T_SAMPLE, log_p, aux, face)
+            return rate, flow.score.aux_rate(T_SAMPLE, log_p, aux)
+
+        for got, want in zip(
+            jax.jvp(fused, (theta,), (tangent,)),
+            jax.jvp(definition, (theta,), (tangent,)),
+            strict=True,
+        ):
+            scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(want))
+            err = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), got, want)
+            assert max(jax.tree.leaves(err)) <= FUSED_TOL * scale, (name, err)
+    # Scores that read `p` keep the definition, and so does a subclass that overrides
+    # `log_rate`.
+    assert (rx.Logits(logits) + rx.SelfReinforcement(1.0)).reads_p
+
+    class Doubled(flow_cls):
+        def log_rate(self, t, log_p, aux, face):
+            return 2 * super().log_rate(t, log_p, aux, face)
+
+    got = Doubled(rx.Logits(logits), 0.7).state_rate(T_SAMPLE, theta, None, face)[0]
+    want = flow_cls(rx.Logits(logits), 0.7).state_rate(T_SAMPLE, theta, None, face)[0]
+    np.testing.assert_allclose(got, 2 * want, rtol=0, atol=1e-12)
