@@ -102,3 +102,15 @@ def test_a_case_that_raises_is_reported(tmp_path, monkeypatch, message, code, st
     results = json.loads(path.read_text())
     assert [r["status"] for r in results["rows"]] == [status]
     assert results["all_checks_passed"] == (code == 0)
+
+
+def test_field_script_counts_and_agrees():
+    # `benchmarks/field.py`: the fused field equals its definition (float32, relative to
+    # the largest rate) and XLA's program is parsed into passes and reductions.
+    from benchmarks import field
+
+    table = field.main(["--batch", "2", "--vocab", "512", "--repeats", "2"])
+    assert len(table) == 4
+    for row in table:
+        assert row["relative_difference"] <= 1e-5, row
+        assert 2 <= row["reductions"] <= row["passes"], row
