@@ -6,8 +6,8 @@ The ODE path evaluates `flow.state_rate` six times per Tsit5 step. Its definitio
 vocabulary, each waiting for the one before (max θ, `Σ e^θ`, the maximum of the rate
 read from `log p`, `<p, rate>`). For scores that do not read `p` (logits, penalties:
 `score.reads_p` false) the flows give their rate up to a constant from the
-log-weights themselves, and `state_rate` needs two rounds of two independent reductions
-over the same inputs (`fused_state_rate`). This script compiles both for a batch of
+log-weights themselves, and `state_rate` needs two reductions, each over two arrays
+stacked (`fused_state_rate`). This script compiles both for a batch of
 rows, with the flow of case (c) of `replicax bench` (`EntropicReplicator(Logits(s) +
 FrequencyPenalty(0.3, tau=1, stages=2), 0.7)`) and the plain `Replicator(s, 0.7)`, and
 reports, from XLA's optimised program:

@@ -224,21 +224,21 @@ def _fusable(cls: type) -> bool:
 def fused_state_rate(score, t, theta, aux, face, rate):
     """`state_rate` from `rate`, the uncentred rate up to a constant. Equal to
     `centred_rate(rate(log p), log p, face)`, since the centring removes any constant,
-    but with two rounds of reductions instead of four, each of two independent ones
-    over the same inputs: the maxima of `theta` and of `rate` (the shift of
-    `centred_rate`), then `Σ e^θ` and `Σ e^θ rate`. XLA can fuse each pair into one
-    pass (on GPUs, its multi-output fusion of sibling reductions); the unfused field
-    chains four (max θ, then `Σ e^θ`, then the maximum of a rate read from `log p`,
-    then `<p, rate>`)."""
+    but with two reductions over the vocabulary instead of four chained ones (max θ,
+    then `Σ e^θ`, then the maximum of a rate read from `log p`, then `<p, rate>`):
+    one of `(theta, rate)` stacked, for both maxima (the second is the shift of
+    `centred_rate`), then one of `(e^θ, e^θ rate)` stacked, for both sums. Stacked,
+    each pair is one reduction in XLA's program whatever its fusion heuristics."""
     neg_inf = jnp.asarray(-jnp.inf, theta.dtype)
     # Shifts only: the result does not depend on them.
-    m = jax.lax.stop_gradient(jnp.max(jnp.where(face, theta, neg_inf)))
-    top = jax.lax.stop_gradient(jnp.max(jnp.where(face, rate, neg_inf)))
+    m, top = jax.lax.stop_gradient(
+        jnp.max(jnp.where(face, jnp.stack([theta, rate]), neg_inf), axis=-1)
+    )
     rate = jnp.where(face, rate - jnp.where(jnp.isfinite(top), top, 0), 0)
     # `exp(-inf) = 0` off the face (not a masked `exp`, whose gradient would be NaN).
     weights = jnp.exp(jnp.where(face, theta - m, neg_inf))
-    total = jnp.sum(weights)
-    mean = jnp.sum(weights * rate) / total
+    total, weighted = jnp.sum(jnp.stack([weights, weights * rate]), axis=-1)
+    mean = weighted / total
     log_p = jnp.where(face, theta - m - jnp.log(total), neg_inf)
     return jnp.where(face, rate - mean, 0), score.aux_rate(t, log_p, aux)
 
