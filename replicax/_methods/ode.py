@@ -91,7 +91,7 @@ class ODE(AbstractMethod):
         so each context is at least as accurate as alone. It is faster for a batch:
         a `vmap`ped solve runs as many iterations as its slowest context anyway, and
         each iteration also selects, context by context, which state to keep
-        (`benchmarks/README.md`: 1.5× at 8 contexts of 32,000 tokens on a CPU, and a
+        (`benchmarks/README.md`: 1.2–1.4× at 8 contexts of 32,000 tokens on a CPU, and a
         shorter compile). The price: a context that needs short steps shortens them
         for all, `stats` hold the batch's counts, and with `throw=False` a failure is
         reported for every context. Supported controllers: `PIDController`,
