@@ -9,7 +9,8 @@ way (diffrax `_integrate.py`, equinox `nn/_linear.py`):
 2. inside `jit`, `Rows.flat()` broadcasts every leaf to the batch, attaches the run-time
    checks of the values (on device, naming the batch index), flattens the batch and
    returns one `Row` per context;
-3. `vmap_rows` maps a one-context function over those rows and restores the batch shape.
+3. `vmap_rows` maps a one-context function over those rows and restores the batch shape
+   (`on_rows` hands them all to one function, for work that couples the contexts).
 
 This module is internal: its names carry no underscore so that the other modules can
 share them, and nothing here is re-exported.
@@ -181,11 +182,18 @@ def vmap_rows(fn: Callable[..., PyTree], rows: Rows, *args) -> PyTree:
     """`fn(row, *arg_rows)` for every context, with the batch shape restored on every
     leaf of the output. Each of `args` is broadcast to one value per row. Call inside
     `jit` (un-jitted, a vmapped closed form dispatches many small operations)."""
+    return on_rows(jax.vmap(fn), rows, *args)
+
+
+def on_rows(fn: Callable[..., PyTree], rows: Rows, *args) -> PyTree:
+    """`fn(flat_rows, *arg_rows)` once for all contexts (every leaf leading with one
+    axis of rows), with the batch shape restored on every leaf of the output: for work
+    that couples the contexts (one step size for the batch); `vmap_rows` maps `fn`
+    over them instead."""
     row = rows.flat()
     args = [rows.broadcast(a) for a in args]
     row, args = match_row_sharding((row, args))
-    out = jax.vmap(fn)(row, *args)
-    return jtu.tree_map(rows.unflatten, out)
+    return jtu.tree_map(rows.unflatten, fn(row, *args))
 
 
 def _row_axis_spec(x) -> tuple[Any, Any]:

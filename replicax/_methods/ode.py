@@ -15,7 +15,7 @@ from .._rows import (
     as_scalar,
     check_scalar,
     floats_to_arrays,
-    match_row_sharding,
+    on_rows,
     refuse_explicit_sharding,
     Row,
     Rows,
@@ -131,13 +131,8 @@ class ODE(AbstractMethod):
             raise TypeError(
                 f"`shared_steps` must be a bool; received {self.shared_steps!r}."
             )
-        if self.shared_steps and not _is_row_wise(self.stepsize_controller):
-            raise ValueError(
-                "`shared_steps=True` needs a step-size controller whose error it can "
-                "take context by context: `diffrax.PIDController`, "
-                "`diffrax.ClipStepSizeController` around one, `ConstantStepSize` or "
-                f"`StepTo`; received {type(self.stepsize_controller).__name__}."
-            )
+        if self.shared_steps:
+            _worst_row_norm(self.stepsize_controller)  # raises if it does not apply
         if self.stepsize_controller is not None and (
             self.rtol is not None or self.atol is not None
         ):
@@ -173,20 +168,19 @@ class ODE(AbstractMethod):
 
     def solve_row(self, row: Row, t0, t1, save_ts, saveat) -> RowSolution:
         del save_ts
-        return self._solve(row, t0, t1, saveat, lift=lambda f: f)
+        return self._solve(row, t0, t1, saveat, batched=False)
 
     def solve_rows(self, rows: Rows, t0, t1, save_ts, saveat) -> RowSolution:
         if not self.shared_steps:
             return super().solve_rows(rows, t0, t1, save_ts, saveat)
         del save_ts
-        row = match_row_sharding(rows.flat())
-        out = self._solve(row, t0, t1, saveat, lift=jax.vmap)
-        return jtu.tree_map(rows.unflatten, out)
+        return on_rows(lambda row: self._solve(row, t0, t1, saveat, batched=True), rows)
 
-    def _solve(self, row: Row, t0, t1, saveat: SaveAt, lift) -> RowSolution:
-        """One `diffeqsolve`: of one context (`lift` the identity), or of all of them as
-        one state with a leading axis of rows (`lift = jax.vmap`, `shared_steps`)."""
-        batched = lift is jax.vmap
+    def _solve(self, row: Row, t0, t1, saveat: SaveAt, batched: bool) -> RowSolution:
+        """One `diffeqsolve`: of one context, or (`batched`, for `shared_steps`) of all
+        of them as one state with a leading axis of rows; each function of one context
+        below is then `vmap`ped over the rows (`lift`)."""
+        lift = jax.vmap if batched else (lambda f: f)
         flow, face = row.flow, row.face
 
         def start(row):
@@ -273,19 +267,23 @@ class _WorstRowNorm(eqx.Module):
         return jnp.max(jax.vmap(self.norm)(y))
 
 
-def _is_row_wise(controller) -> bool:
-    if isinstance(controller, diffrax.ClipStepSizeController):
-        return _is_row_wise(controller.controller)
-    return controller is None or isinstance(
-        controller, (diffrax.PIDController, diffrax.ConstantStepSize, diffrax.StepTo)
-    )
-
-
 def _worst_row_norm(controller):
-    """`controller` with its error norm taken per row (the worst row decides)."""
+    """`controller` with its error norm taken per row (the worst row decides).
+    `ValueError` for a controller whose error this cannot reach."""
     if isinstance(controller, diffrax.PIDController):
         return eqx.tree_at(lambda c: c.norm, controller, _WorstRowNorm(controller.norm))
     if isinstance(controller, diffrax.ClipStepSizeController):
         inner = _worst_row_norm(controller.controller)
         return eqx.tree_at(lambda c: c.controller, controller, inner)
-    return controller  # constant steps and `StepTo` read no error
+    # `None`: the default PID controller, built by `prepare`. Constant steps and
+    # `StepTo` read no error.
+    if controller is None or isinstance(
+        controller, (diffrax.ConstantStepSize, diffrax.StepTo)
+    ):
+        return controller
+    raise ValueError(
+        "`shared_steps=True` needs a step-size controller whose error it can take "
+        "context by context: `diffrax.PIDController`, `diffrax.ClipStepSizeController` "
+        "around one, `ConstantStepSize` or `StepTo`; received "
+        f"{type(controller).__name__}."
+    )
