@@ -135,8 +135,8 @@ class AbstractFlow(eqx.Module):
         (`score.reads_p` false); `None` (the default) if the flow has no such form.
 
         With it `state_rate` needs two reductions over the vocabulary instead of four:
-        the normaliser and `<p, rate>` share one pass, and `log p` is never formed
-        before the rate (`fused_state_rate`)."""
+        one for the maxima of `theta` and of the rate, one for the normaliser and
+        `<p, rate>`; `log p` is never formed before the rate (`fused_state_rate`)."""
         del t, theta, aux, face
         return None
 
@@ -201,13 +201,19 @@ class AbstractFlow(eqx.Module):
 
 def centred_rate(rate, log_p, face):
     """`rate - <p, rate>` on the face, `0` off it."""
-    # Shifted first so that its largest entry on the face is 0. The shift cancels, but
-    # without it `<p, rate>` of huge rates (logits ~1e30) keeps a rounding error near
-    # `eps |rate|`: noise in the rates of the leading tokens, which an adaptive solver
-    # chases with ever smaller steps. A constant shift has no gradient to give.
     top = jax.lax.stop_gradient(jnp.max(jnp.where(face, rate, -jnp.inf)))
-    rate = jnp.where(face, rate - jnp.where(jnp.isfinite(top), top, 0), 0)
+    rate = _shifted(rate, top, face)
     return jnp.where(face, rate - jnp.sum(jnp.exp(log_p) * rate), 0)
+
+
+def _shifted(rate, top, face):
+    """`rate - top` on the face (`top` its maximum there, if finite), `0` off it.
+
+    The shift cancels in the centring, but without it `<p, rate>` of huge rates (logits
+    ~1e30) keeps a rounding error near `eps |rate|`: noise in the rates of the leading
+    tokens, which an adaptive solver chases with ever smaller steps. `top` is taken
+    under `stop_gradient`: a constant shift has no gradient to give."""
+    return jnp.where(face, rate - jnp.where(jnp.isfinite(top), top, 0), 0)
 
 
 def _owner(cls: type, name: str) -> type:
@@ -234,7 +240,7 @@ def fused_state_rate(score, t, theta, aux, face, rate):
     m, top = jax.lax.stop_gradient(
         jnp.max(jnp.where(face, jnp.stack([theta, rate]), neg_inf), axis=-1)
     )
-    rate = jnp.where(face, rate - jnp.where(jnp.isfinite(top), top, 0), 0)
+    rate = _shifted(rate, top, face)
     # `exp(-inf) = 0` off the face (not a masked `exp`, whose gradient would be NaN).
     weights = jnp.exp(jnp.where(face, theta - m, neg_inf))
     total, weighted = jnp.sum(jnp.stack([weights, weights * rate]), axis=-1)
