@@ -43,8 +43,6 @@ import numpy as np
 
 import replicax as rx
 
-# Tolerances of the correctness checks. Errors are measured on the first
-# `REFERENCE_ROWS` contexts, against float64 references.
 # XLA options that cut compile time, per platform, measured by `compile_study` against
 # the default compile (compile time, and run time relative to the default's). On GPUs the
 # autotuner (which times candidate kernels for each fusion while compiling) is what made
@@ -54,6 +52,8 @@ FAST_COMPILE_OPTIONS = {
     "cpu": {"xla_llvm_disable_expensive_passes": True},
 }
 
+# Tolerances of the correctness checks. Errors are measured on the first
+# `REFERENCE_ROWS` contexts, against float64 references.
 TOLERANCES = {
     # Closed forms, max abs error in p (cases a, e).
     "closed_form_p": 1e-5,
