@@ -12,6 +12,7 @@ from jaxtyping import Array, ArrayLike, Bool, Complex, Float, Int
 
 from ._flows import AbstractFlow
 from ._methods import AbstractMethod, RestPoint
+from ._methods.base import error_if_failed
 from ._rows import Rows, prepare_rows, vmap_rows
 from ._solution import RESULTS
 
@@ -114,4 +115,7 @@ def equilibrium(
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)
 def _equilibrium_rows(rows: Rows, method: AbstractMethod):
-    return vmap_rows(method.rest_point_row, rows)
+    out = vmap_rows(method.rest_point_row, rows)
+    # Failures are raised for the batch, naming the row (as `ODE.solve_rows`).
+    throw = getattr(method, "throw", True)
+    return error_if_failed(out, out.result, "`rx.equilibrium`", when=throw)

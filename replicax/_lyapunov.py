@@ -18,9 +18,17 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
+from ._methods.base import error_if_failed
 from ._methods.ode import check_max_steps, tolerances
 from ._misc import error_if_rows, is_concrete
-from ._rows import as_scalar, prepare_rows, refuse_explicit_sharding, Row, Rows
+from ._rows import (
+    as_scalar,
+    prepare_rows,
+    refuse_explicit_sharding,
+    Row,
+    Rows,
+    vmap_rows,
+)
 from ._solution import RESULTS
 
 # `k=None` means every direction of the tangent space up to this dimension; above it the
@@ -238,8 +246,9 @@ def _history_size(rows: Rows) -> int:
         theta0 = row.theta0()
         return row.flow.score.init_aux(row.flow.readout(theta0, row.face))
 
-    shapes = jax.eval_shape(lambda r: jax.vmap(init)(r.flat()), rows)
-    return sum(int(np.prod(x.shape[1:])) for x in jtu.tree_leaves(shapes))
+    shapes = jax.eval_shape(lambda r: vmap_rows(init, r), rows)
+    batch = len(rows.batch_shape)
+    return sum(int(np.prod(x.shape[batch:])) for x in jtu.tree_leaves(shapes))
 
 
 class _Tangent(eqx.Module):
@@ -335,8 +344,10 @@ def _lyapunov_rows(
             throw,
         )
 
-    out = jax.vmap(one)(row, keys)
-    return jtu.tree_map(rows.unflatten, out)
+    out = jtu.tree_map(rows.unflatten, jax.vmap(one)(row, keys))
+    if throw:
+        out = error_if_failed(out, out.result, "`rx.lyapunov_exponents`")
+    return out
 
 
 def _lyapunov_row(
@@ -397,7 +408,7 @@ def _lyapunov_row(
             saveat=diffrax.SaveAt(t1=True),
             stepsize_controller=controller,
             max_steps=max_steps,
-            throw=throw,
+            throw=False,  # raised per row by `_lyapunov_rows`
         )
         y, frame, log_scale = jtu.tree_map(lambda x: x[0], sol.ys)
         frame, log_growth = tangent.orthonormalise(frame)

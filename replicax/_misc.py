@@ -1,6 +1,7 @@
 """Small internal helpers: dtypes, concreteness and error messages with batch indices."""
 
 import functools
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from equinox.internal import unvmap_any, unvmap_max
-from jaxtyping import Array, Bool, PyTree
+from jaxtyping import Array, Bool, Int, PyTree
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -75,26 +76,35 @@ _MAX_INDEXED_MESSAGES = 1024
 
 
 def error_if_rows(
-    x: PyTree, bad: Bool[Array, "*batch"], message: str
+    x: PyTree,
+    bad: Bool[Array, "*batch"],
+    message: str | Sequence[str],
+    kind: Int[Array, "*batch"] | None = None,
 ) -> PyTree:
     """Raise at run time if any row of `bad` is true, naming the first such batch index.
 
-    `message` is formatted with `{index}`. Batches of more than 1024 rows name the index
-    only when it is among the first 1024.
+    `message` is formatted with `{index}`. It may instead be a sequence of such
+    templates, one per value of `kind` (integers shaped like `bad`): the first bad row's
+    kind picks its message. Batches of more than 1024 rows name the index only when it
+    is among the first 1024.
     """
     shape = bad.shape
     flat = bad.reshape(-1)
     n = flat.shape[0]
     if n == 0:
         return x
+    templates = [message] if isinstance(message, str) else list(message)
     first = jnp.argmax(flat)
     count = min(n, _MAX_INDEXED_MESSAGES)
-    msgs = [message.format(index=format_index(i, shape)) for i in range(count)]
+    indices = [format_index(i, shape) for i in range(count)]
     if n > count:
-        msgs.append(message.format(index=f"(beyond the first {count} rows)"))
+        indices.append(f"(beyond the first {count} rows)")
         index = jnp.minimum(first, count)
     else:
         index = first
+    msgs = [t.format(index=i) for t in templates for i in indices]
+    if kind is not None:
+        index = kind.reshape(-1)[first].astype(index.dtype) * len(indices) + index
     any_bad = jnp.any(flat)
     # The check is made on a scalar flag, not on `x`, and `x` is read through the flag
     # so that the check is not dropped as unused (the flag is false whenever the program
@@ -114,8 +124,14 @@ def _checked_flag(any_bad, index, msgs, like) -> Array:
     `shard_map`). Left to XLA, the check's `cond` (a host callback) is placed on one
     device: a sharded `x` passed through it would be gathered there and split again
     ("involuntary full rematerialization"), and a failing check would leave the other
-    devices waiting at a collective until the process aborts."""
+    devices waiting at a collective until the process aborts. The same holds in a
+    region of a mesh's axes made `Auto` (`with_auto_axes`), whose mesh is the context's.
+    """
     mesh = _explicit_mesh(like)
+    if mesh is None:
+        context = jax.sharding.get_abstract_mesh()
+        if not context.empty and context.size > 1:
+            mesh = context
     if mesh is None:
         return eqx.branched_error_if(any_bad, any_bad, index, msgs)
 

@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, Replicator
-from ._rows import prepare_rows, refuse_explicit_sharding, score_face, vmap_rows
+from ._rows import prepare_rows, score_face, vmap_rows, with_auto_axes
 from ._support import TopP
 from ._time_to import check_eps
 
@@ -306,11 +306,16 @@ def time_to(
         temperature_first=temperature_first,
         extra_batch_shapes=(jnp.shape(eps),),
     )
-    refuse_explicit_sharding(rows, "`rx.time_to`")
     eps = check_eps(eps, rows.dtype, rows.batch_shape)
     if not isinstance(bound, bool):
         raise TypeError(f"`bound` must be a bool; received {bound!r}.")
-    return _map_rows(_time_to_bound_one if bound else _time_to_one, rows, eps)
+    return _time_to_rows(_time_to_bound_one if bound else _time_to_one, rows, eps)
+
+
+@eqx.filter_jit
+def _time_to_rows(fn, rows, eps):
+    # Bisection (optimistix) per row: on a mesh of explicit axes, with them made `Auto`.
+    return with_auto_axes(lambda rows, eps: vmap_rows(fn, rows, eps), rows, eps)
 
 
 def _time_to_one(row, eps):

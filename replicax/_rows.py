@@ -266,10 +266,87 @@ def reshard_like(x: Array, like: Array) -> Array:
     return jax.sharding.reshard(x, jax.typeof(like).sharding)
 
 
+def with_auto_axes(fn: Callable[..., PyTree], rows: Rows, *args) -> PyTree:
+    """`fn(rows, *args)`; on inputs sharded over a mesh of explicit axes (the default
+    of `jax.make_mesh`), run with the mesh's axes made `Auto`, its outputs sharded as the
+    inputs are: the batch axes as the rows, a trailing vocabulary axis as the vocabulary.
+
+    For what runs nested solvers (diffrax, optimistix): under explicit sharding, JAX 0.10
+    refuses their loops inside `vmap` over sharded rows, and diffrax builds its
+    step buffers unsharded, so a loop's carry would change type. With `Auto` axes XLA's
+    partitioner places that work instead, from the inputs' shardings. Every output leaf
+    must lead with the batch shape (those that do not are replicated)."""
+    mesh, spec = _explicit_spec(rows)
+    if mesh is None:
+        return fn(rows, *args)
+    nb, vocab = len(rows.batch_shape), rows.vocab_size
+    batch_spec, vocab_spec = spec[:nb], spec[nb] if len(spec) > nb else None
+    leaves, treedef = jtu.tree_flatten((rows, args))
+    is_dynamic = [eqx.is_array(x) for x in leaves]
+
+    def call(dynamic):
+        dynamic = iter(dynamic)
+        inputs = [next(dynamic) if d else x for x, d in zip(leaves, is_dynamic)]
+        rows, args = jtu.tree_unflatten(treedef, inputs)
+        return fn(rows, *args)
+
+    # The outputs' shapes (one more trace, with every output replicated), to give
+    # each output its sharding.
+    dynamic = [x for x, d in zip(leaves, is_dynamic) if d]
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    out_shape = eqx.filter_eval_shape(
+        jax.sharding.auto_axes(call, out_sharding=replicated), dynamic
+    )
+    out_leaves, out_treedef = jtu.tree_flatten(out_shape)
+    out_is_dynamic = [isinstance(x, jax.ShapeDtypeStruct) for x in out_leaves]
+
+    def sharding(x):
+        if x.shape[:nb] != rows.batch_shape:
+            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        rest = [None] * (x.ndim - nb)
+        if rest and x.shape[-1] == vocab:
+            rest[-1] = vocab_spec
+        return jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(*batch_spec, *rest)
+        )
+
+    def auto(dynamic):
+        return [x for x in jtu.tree_leaves(call(dynamic)) if eqx.is_array(x)]
+
+    shardings = [sharding(x) for x, d in zip(out_leaves, out_is_dynamic) if d]
+    out = iter(jax.sharding.auto_axes(auto, out_sharding=shardings)(dynamic))
+    out = [next(out) if d else x for x, d in zip(out_leaves, out_is_dynamic)]
+    return jtu.tree_unflatten(out_treedef, out)
+
+
+def _explicit_spec(rows: Rows) -> tuple[Any, tuple]:
+    """`(mesh, spec)` of the input of `rows` sharded over a mesh of explicit axes that
+    says most: one shaped `(*batch, vocab)` (its spec padded to that rank) if any, else
+    one leading with the batch axes; `(None, ())` if no input is sharded so."""
+    nb = len(rows.batch_shape)
+    found = None
+    for x in jtu.tree_leaves((rows.flow, rows.start, rows.supports)):
+        if not (eqx.is_array(x) and x.ndim >= 1):
+            continue
+        mesh, _ = _row_axis_spec(x)
+        if mesh is None:
+            continue
+        spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+        spec = spec[: x.ndim]
+        if all(axis is None for axis in spec):
+            continue
+        if x.shape == rows.batch_shape + (rows.vocab_size,):
+            return mesh, spec
+        if found is None and x.shape[:nb] == rows.batch_shape:
+            found = mesh, spec[:nb]
+    return found if found is not None else (None, ())
+
+
 def refuse_explicit_sharding(rows: Rows, what: str) -> None:
     """`NotImplementedError` now if an input of `rows` is sharded over a mesh of
-    explicit axes, for what cannot run on such inputs yet: nested solvers (diffrax,
-    optimistix) inside `vmap` over explicitly sharded rows fail in JAX 0.10."""
+    explicit axes, for what cannot run on such inputs yet: run with `with_auto_axes`
+    on 8 CPU devices, the programs of `rx.equilibrium` and `rx.lyapunov_exponents` at
+    times never finished (`rx.Switched`, untested so, is refused with them)."""
     for x in jtu.tree_leaves((rows.flow, rows.start)):
         if eqx.is_array(x) and x.ndim >= 1:
             mesh, _ = _row_axis_spec(x)
@@ -277,8 +354,8 @@ def refuse_explicit_sharding(rows: Rows, what: str) -> None:
             if any(axis is not None for axis in spec):
                 raise NotImplementedError(
                     f"{what} does not run yet on inputs sharded over a mesh of explicit "
-                    "axes (`jax.make_mesh`'s default); `rx.solve` with the closed forms "
-                    "(constant logits) does. Map it over the batch yourself with "
+                    "axes (`jax.make_mesh`'s default); the closed forms and the ODE "
+                    "path of `rx.solve` do. Map it over the batch yourself with "
                     "`jax.shard_map(..., in_specs=P('d'), out_specs=P('d'), "
                     "check_vma=False)` (diffrax's loops start from values that do not "
                     "vary over devices; each device needs whole rows, so reshard "

@@ -109,12 +109,15 @@ def test_ode_convergence_order_of_fixed_step_solvers(getkey):
 
 
 def test_max_steps_reported_per_row(getkey):
-    logits = random_logits(getkey(), (3, 10))
+    # Row 1 (logits 100x larger) needs more than 8 steps, the others fewer.
+    logits = random_logits(getkey(), (3, 10), 1.0) * jnp.array([0.1, 10.0, 0.1])[:, None]
     flow = rx.Replicator(logits, 0.5)
-    sol = rx.solve(flow, t1=10.0, method="ode", max_steps=2, throw=False)
-    assert jnp.all(sol.result == rx.RESULTS.max_steps_reached)
-    with pytest.raises(Exception, match="max_steps"):
-        rx.solve(flow, t1=10.0, method="ode", max_steps=2)
+    sol = rx.solve(flow, t1=10.0, method="ode", max_steps=8, throw=False)
+    failed = np.asarray(sol.result == rx.RESULTS.max_steps_reached)
+    assert failed.tolist() == [False, True, False]
+    # The error names the row and the kind of failure.
+    with pytest.raises(Exception, match=r"failed at batch index \(1,\).*`max_steps`"):
+        rx.solve(flow, t1=10.0, method="ode", max_steps=8)
 
 
 def _scipy_log_space(field, y0, ts):

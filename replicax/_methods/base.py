@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Complex, Float, Int, PyTree
 
 from .._flows import AbstractFlow
+from .._misc import error_if_rows
 from .._rows import Row, Rows, vmap_rows
 from .._saveat import SaveAt
 from .._solution import RESULTS
@@ -131,3 +132,26 @@ def save_along(
     if saveat.fn is None:
         return jax.vmap(log_p_at)(save_ts), None
     return None, jax.lax.map(lambda t: saveat.fn(t, log_p_at(t), flow), save_ts)
+
+
+def error_if_failed(
+    x: PyTree,
+    result: RESULTS,
+    what: str,
+    whole_batch: bool = False,
+    when: bool | Bool[Array, ""] = True,
+):
+    """Raise at run time (if `when`) where a row's solve failed (`result` neither
+    successful nor an event), naming the batch index and, with the message of
+    `RESULTS`, the kind of failure; `whole_batch`: the rows were solved together, so the
+    failure is the batch's.
+
+    Called on the whole batch's results, after the nested solvers ran with
+    `throw=False`: their own checks would pass the whole state through a `cond` that
+    XLA places on one device, gathering sharded arrays there."""
+    okay = (result == RESULTS.successful) | (result == RESULTS.event_occurred)
+    where = "at batch index {index}"
+    if whole_batch:
+        where = "for the whole batch (one step size)"
+    messages = [f"{what} failed {where}: {m}" for m in RESULTS._index_to_message]
+    return error_if_rows(x, ~okay & when, messages, kind=result._value)

@@ -16,13 +16,13 @@ from .._rows import (
     check_scalar,
     floats_to_arrays,
     on_rows,
-    refuse_explicit_sharding,
     Row,
     Rows,
+    with_auto_axes,
 )
 from .._saveat import SaveAt
 from .._solution import RESULTS
-from .base import AbstractMethod, RowSolution
+from .base import AbstractMethod, error_if_failed, RowSolution
 
 
 # Checkpoints of the default adjoint: gradient memory ~2.7× the forward solve's
@@ -82,7 +82,8 @@ class ODE(AbstractMethod):
         (E) only over horizons of a few units). It cannot be used with
         `SaveAt(fn=...)`. `benchmarks/adjoints.py` measures the choices side by side.
     - `max_steps`: step budget per context (static); per batch with `shared_steps`.
-    - `throw`: raise if the solver fails; with `False`, failures are reported per row in
+    - `throw`: raise if the solver fails, naming the first failed batch index and the
+        kind of failure; with `False`, failures are reported per row in
         `Trajectory.result` (and those rows' outputs are not meaningful).
     - `shared_steps`: integrate the whole batch as one state with one step size
         (static; default `False`: each context steps on its own, as `jax.vmap` of
@@ -142,7 +143,6 @@ class ODE(AbstractMethod):
             )
 
     def prepare(self, rows: Rows, saveat: SaveAt) -> "ODE":
-        refuse_explicit_sharding(rows, "The ODE path")
         if saveat.fn is not None and isinstance(self.adjoint, diffrax.BacksolveAdjoint):
             raise ValueError(
                 "`adjoint=diffrax.BacksolveAdjoint()` cannot differentiate through "
@@ -171,10 +171,23 @@ class ODE(AbstractMethod):
         return self._solve(row, t0, t1, saveat, batched=False)
 
     def solve_rows(self, rows: Rows, t0, t1, save_ts, saveat) -> RowSolution:
-        if not self.shared_steps:
-            return super().solve_rows(rows, t0, t1, save_ts, saveat)
-        del save_ts
-        return on_rows(lambda row: self._solve(row, t0, t1, saveat, batched=True), rows)
+        # On a mesh of explicit axes the solve runs with them made `Auto`
+        # (`with_auto_axes`); diffrax itself never throws (its check would pass the
+        # whole solution through a `cond` that XLA places on one device, gathering
+        # sharded arrays there): failures are raised here, from a scalar flag.
+        def solve(rows, method, t0, t1, save_ts, saveat):
+            if method.shared_steps:
+                out = on_rows(
+                    lambda row: method._solve(row, t0, t1, saveat, batched=True), rows
+                )
+            else:
+                out = AbstractMethod.solve_rows(method, rows, t0, t1, save_ts, saveat)
+            if method.throw:
+                what = "The ODE solve"
+                out = error_if_failed(out, out.result, what, method.shared_steps)
+            return out
+
+        return with_auto_axes(solve, rows, self, t0, t1, save_ts, saveat)
 
     def _solve(self, row: Row, t0, t1, saveat: SaveAt, batched: bool) -> RowSolution:
         """One `diffeqsolve`: of one context, or (`batched`, for `shared_steps`) of all
@@ -230,7 +243,7 @@ class ODE(AbstractMethod):
             stepsize_controller=controller,
             adjoint=self.adjoint,
             max_steps=self.max_steps,
-            throw=self.throw,
+            throw=False,
             progress_meter=self.progress_meter,
         )
         stats = {

@@ -268,7 +268,6 @@ class RestPoint(AbstractMethod):
         leading = self._leading_eigenvalue(frozen, face, t, safe_log_p)
         leading = jnp.where(ok, leading, jnp.nan)
         stable = ok & (jnp.real(leading) < -self.stability_tol)
-        log_p = result.error_if(log_p, self.throw & (result != RESULTS.successful))
         steps = jnp.asarray(sol.stats["num_steps"], jnp.int32)
         return RowEquilibrium(log_p, stable, leading, residual, result, steps)
 

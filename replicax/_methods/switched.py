@@ -24,7 +24,7 @@ from .._rows import refuse_explicit_sharding, Row, Rows
 from .._saveat import SaveAt
 from .._solution import RESULTS
 from .._support import AbstractThresholdSupport
-from .base import AbstractMethod, no_steps, RowSolution, save_along
+from .base import AbstractMethod, error_if_failed, no_steps, RowSolution, save_along
 from .ode import check_max_steps, tolerances
 
 
@@ -121,6 +121,13 @@ class Switched(AbstractMethod):
         return eqx.tree_at(lambda m: (m.rtol, m.atol), self, (rtol, atol),
                            is_leaf=lambda x: x is None)
 
+    def solve_rows(self, rows: Rows, t0, t1, save_ts, saveat) -> RowSolution:
+        # Failures are raised for the batch, naming the row (as `ODE.solve_rows`).
+        out = super().solve_rows(rows, t0, t1, save_ts, saveat)
+        if self.throw:
+            out = error_if_failed(out, out.result, "`rx.Switched`")
+        return out
+
     def solve_row(self, row: Row, t0, t1, save_ts, saveat) -> RowSolution:
         flow, alive = row.flow, row.alive
         (rule,) = row.supports
@@ -216,8 +223,6 @@ class Switched(AbstractMethod):
             cond, body, carry
         )
         result = RESULTS.where(done, result, RESULTS.max_steps_reached)
-        if self.throw:
-            removed_at = result.error_if(removed_at, result != RESULTS.successful)
 
         def log_p_at(t):
             face = removed_at > t
