@@ -44,7 +44,6 @@ def pytest_configure(config):
 # heaviest first. pytest-xdist hands whole files to workers in collection order; starting
 # the long ones first keeps one worker from running a long file alone at the end.
 HEAVY_FIRST = (
-    "test_sharding.py",
     "test_gradients.py",
     "test_bench.py",
     "test_transforms.py",
@@ -55,6 +54,7 @@ HEAVY_FIRST = (
     "test_observables_discrete.py",
     "test_bad_inputs.py",
     "test_time_to.py",
+    "test_sharding.py",
     "test_kernels.py",
     "test_dispatch.py",
     "test_adapter.py",
