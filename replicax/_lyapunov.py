@@ -21,14 +21,7 @@ from ._flows import AbstractFlow
 from ._methods.base import error_if_failed
 from ._methods.ode import check_max_steps, tolerances
 from ._misc import error_if_rows, is_concrete
-from ._rows import (
-    as_scalar,
-    prepare_rows,
-    refuse_explicit_sharding,
-    Row,
-    Rows,
-    vmap_rows,
-)
+from ._rows import as_scalar, prepare_rows, refuse_explicit_sharding, Row, Rows
 from ._solution import RESULTS
 
 # `k=None` means every direction of the tangent space up to this dimension; above it the
@@ -246,9 +239,8 @@ def _history_size(rows: Rows) -> int:
         theta0 = row.theta0()
         return row.flow.score.init_aux(row.flow.readout(theta0, row.face))
 
-    shapes = jax.eval_shape(lambda r: vmap_rows(init, r), rows)
-    batch = len(rows.batch_shape)
-    return sum(int(np.prod(x.shape[batch:])) for x in jtu.tree_leaves(shapes))
+    shapes = jax.eval_shape(lambda r: jax.vmap(init)(r.flat()), rows)
+    return sum(int(np.prod(x.shape[1:])) for x in jtu.tree_leaves(shapes))
 
 
 class _Tangent(eqx.Module):

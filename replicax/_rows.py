@@ -325,16 +325,7 @@ def _explicit_spec(rows: Rows) -> tuple[Any, tuple]:
     one leading with the batch axes; `(None, ())` if no input is sharded so."""
     nb = len(rows.batch_shape)
     found = None
-    for x in jtu.tree_leaves((rows.flow, rows.start, rows.supports)):
-        if not (eqx.is_array(x) and x.ndim >= 1):
-            continue
-        mesh, _ = _row_axis_spec(x)
-        if mesh is None:
-            continue
-        spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
-        spec = spec[: x.ndim]
-        if all(axis is None for axis in spec):
-            continue
+    for x, mesh, spec in _explicitly_sharded((rows.flow, rows.start, rows.supports)):
         if x.shape == rows.batch_shape + (rows.vocab_size,):
             return mesh, spec
         if found is None and x.shape[:nb] == rows.batch_shape:
@@ -342,26 +333,36 @@ def _explicit_spec(rows: Rows) -> tuple[Any, tuple]:
     return found if found is not None else (None, ())
 
 
+def _explicitly_sharded(tree: PyTree):
+    """`(leaf, mesh, spec)` for each array leaf of `tree` sharded along some axis over a
+    mesh of explicit axes (`spec` padded with `None` to the leaf's rank)."""
+    for x in jtu.tree_leaves(tree):
+        if not (eqx.is_array(x) and x.ndim >= 1):
+            continue
+        mesh, _ = _row_axis_spec(x)
+        if mesh is None:
+            continue
+        spec = (tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim)[: x.ndim]
+        if any(axis is not None for axis in spec):
+            yield x, mesh, spec
+
+
 def refuse_explicit_sharding(rows: Rows, what: str) -> None:
     """`NotImplementedError` now if an input of `rows` is sharded over a mesh of
     explicit axes, for what cannot run on such inputs yet: run with `with_auto_axes`
     on 8 CPU devices, the programs of `rx.equilibrium` and `rx.lyapunov_exponents` at
     times never finished (`rx.Switched`, untested so, is refused with them)."""
-    for x in jtu.tree_leaves((rows.flow, rows.start)):
-        if eqx.is_array(x) and x.ndim >= 1:
-            mesh, _ = _row_axis_spec(x)
-            spec = () if mesh is None else tuple(jax.typeof(x).sharding.spec)
-            if any(axis is not None for axis in spec):
-                raise NotImplementedError(
-                    f"{what} does not run yet on inputs sharded over a mesh of explicit "
-                    "axes (`jax.make_mesh`'s default); the closed forms and the ODE "
-                    "path of `rx.solve` do. Map it over the batch yourself with "
-                    "`jax.shard_map(..., in_specs=P('d'), out_specs=P('d'), "
-                    "check_vma=False)` (diffrax's loops start from values that do not "
-                    "vary over devices; each device needs whole rows, so reshard "
-                    "vocabulary-sharded inputs to `P('d', None)` first), or shard over "
-                    "a mesh of `AxisType.Auto` axes."
-                )
+    for _ in _explicitly_sharded((rows.flow, rows.start)):
+        raise NotImplementedError(
+            f"{what} does not run yet on inputs sharded over a mesh of explicit "
+            "axes (`jax.make_mesh`'s default); the closed forms and the ODE "
+            "path of `rx.solve` do. Map it over the batch yourself with "
+            "`jax.shard_map(..., in_specs=P('d'), out_specs=P('d'), "
+            "check_vma=False)` (diffrax's loops start from values that do not "
+            "vary over devices; each device needs whole rows, so reshard "
+            "vocabulary-sharded inputs to `P('d', None)` first), or shard over "
+            "a mesh of `AxisType.Auto` axes."
+        )
 
 
 def prepare_rows(
