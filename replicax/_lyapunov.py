@@ -21,7 +21,14 @@ from ._flows import AbstractFlow
 from ._methods.base import error_if_failed
 from ._methods.ode import check_max_steps, tolerances
 from ._misc import error_if_rows, is_concrete
-from ._rows import as_scalar, prepare_rows, refuse_explicit_sharding, Row, Rows
+from ._rows import (
+    as_scalar,
+    prepare_rows,
+    Row,
+    Rows,
+    vmap_rows,
+    with_auto_axes,
+)
 from ._solution import RESULTS
 
 # `k=None` means every direction of the tangent space up to this dimension; above it the
@@ -80,8 +87,10 @@ def lyapunov_exponents(
     `J = Dz G(p)/T - κ I` on `θ` (`κ = 1` for (E), `0` for (R)). Here `S` is a frame of
     `k` tangent vectors integrated with the path by diffrax (one `jax.jvp` of the field
     per vector and step) over `intervals` equal sub-intervals of `[t0, t1]`; after each
-    the frame is re-orthonormalised by QR and `log|diag R|` accumulated. The exponents
-    are the sums divided by `t1 - t0`, sorted.
+    the frame is re-orthonormalised by QR (Gram-Schmidt applied twice, in jnp) and
+    `log|diag R|` accumulated. The exponents are the sums divided by `t1 - t0`,
+    sorted. Inputs sharded over a mesh (batch or vocabulary) run as the ODE path does,
+    with the mesh's axes made `Auto`.
 
     **The tangent space.** The field does not change when `θ` is shifted by a constant
     on the face, nor when `θ` changes off it: those directions would carry spurious zero
@@ -151,7 +160,6 @@ def lyapunov_exponents(
     rows = prepare_rows(
         flow, y0=y0, log_y0=log_y0, support=support, temperature_first=temperature_first
     )
-    refuse_explicit_sharding(rows, "`rx.lyapunov_exponents`")
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
         raise ValueError(f"`k` must be an int >= 1 or None; received {k!r}.")
     if not isinstance(intervals, int) or isinstance(intervals, bool) or intervals < 1:
@@ -214,7 +222,9 @@ def lyapunov_exponents(
                 f"(vocab - 1 + history size); received k={k}."
             )
         pad = jnp.asarray(False)
-    return _lyapunov_rows(
+    # On a mesh of explicit axes, run with them made `Auto` (as the ODE path).
+    return with_auto_axes(
+        _lyapunov_rows,
         rows,
         keys,
         use_key,
@@ -239,8 +249,9 @@ def _history_size(rows: Rows) -> int:
         theta0 = row.theta0()
         return row.flow.score.init_aux(row.flow.readout(theta0, row.face))
 
-    shapes = jax.eval_shape(lambda r: jax.vmap(init)(r.flat()), rows)
-    return sum(int(np.prod(x.shape[1:])) for x in jtu.tree_leaves(shapes))
+    shapes = jax.eval_shape(lambda r: vmap_rows(init, r), rows)
+    batch = len(rows.batch_shape)
+    return sum(int(np.prod(x.shape[batch:])) for x in jtu.tree_leaves(shapes))
 
 
 class _Tangent(eqx.Module):
@@ -278,10 +289,34 @@ class _Tangent(eqx.Module):
         # Reduced QR of the (size, k) matrix. The existing directions come first, so the
         # missing ones (zero columns) change nothing before them.
         valid = self.valid
-        q, r = jnp.linalg.qr(jnp.where(valid[:, None], self.project(frame), 0).T)
-        growth = jnp.abs(jnp.diagonal(r))
+        q, growth = _gram_schmidt(jnp.where(valid[:, None], self.project(frame), 0))
         log_growth = jnp.where(valid, jnp.log(jnp.where(valid, growth, 1)), 0)
-        return jnp.where(valid[:, None], q.T, 0), log_growth
+        return jnp.where(valid[:, None], q, 0), log_growth
+
+
+def _gram_schmidt(frame: Float[Array, "k size"]):
+    """The reduced QR of `frame.T` by classical Gram-Schmidt with one
+    reorthogonalisation ("twice is enough"): the orthonormal rows `q` and `|diag R|`.
+    A zero row gives a zero row of `q` and `0`.
+
+    Written in jnp rather than `jnp.linalg.qr`: every operation is a product or a sum
+    over `size`, which XLA partitions over a sharded vocabulary like any reduction, and
+    no LAPACK kernel runs. jaxlib's CPU LAPACK kernels split a batch over XLA's CPU
+    thread pool and wait for it, which never finished when several CPU devices called
+    them at once (a sharded program on `--xla_force_host_platform_device_count`)."""
+    k = frame.shape[0]
+
+    def column(j, carry):
+        q, growth = carry
+        v = frame[j]
+        for _ in range(2):
+            v = v - jnp.dot(q, v, precision="highest") @ q  # rows >= j of q are 0
+        norm = jnp.sqrt(jnp.sum(v * v))
+        row = jnp.where(norm > 0, v / jnp.where(norm > 0, norm, 1), 0)
+        return q.at[j].set(row), growth.at[j].set(norm)
+
+    init = (jnp.zeros_like(frame), jnp.zeros((k,), frame.dtype))
+    return jax.lax.fori_loop(0, k, column, init)
 
 
 @eqx.filter_jit
