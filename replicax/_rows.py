@@ -349,19 +349,22 @@ def _explicitly_sharded(tree: PyTree):
 
 def refuse_explicit_sharding(rows: Rows, what: str) -> None:
     """`NotImplementedError` now if an input of `rows` is sharded over a mesh of
-    explicit axes, for what cannot run on such inputs yet: run with `with_auto_axes`
-    on 8 CPU devices, the programs of `rx.equilibrium` and `rx.lyapunov_exponents` at
-    times never finished (`rx.Switched`, untested so, is refused with them)."""
+    explicit axes, for what cannot run on such inputs yet (`rx.equilibrium`): its
+    program calls LAPACK (the dense linear solve, the eigenvalues), and jaxlib 0.10's
+    CPU LAPACK kernels split a batch over XLA's CPU thread pool and wait for the
+    pieces, so that several CPU devices calling them at once can take every thread of
+    the pool and wait forever. Run with `with_auto_axes` on 8 CPU devices and the
+    vocabulary sharded, its program never finished (a stack trace showed the LU
+    factorisation waiting there)."""
     for _ in _explicitly_sharded((rows.flow, rows.start)):
         raise NotImplementedError(
             f"{what} does not run yet on inputs sharded over a mesh of explicit "
-            "axes (`jax.make_mesh`'s default); the closed forms and the ODE "
-            "path of `rx.solve` do. Map it over the batch yourself with "
-            "`jax.shard_map(..., in_specs=P('d'), out_specs=P('d'), "
-            "check_vma=False)` (diffrax's loops start from values that do not "
-            "vary over devices; each device needs whole rows, so reshard "
-            "vocabulary-sharded inputs to `P('d', None)` first), or shard over "
-            "a mesh of `AxisType.Auto` axes."
+            "axes (`jax.make_mesh`'s default): its program calls LAPACK (a dense "
+            "linear solve, eigenvalues), whose CPU kernels never finished when "
+            "several CPU devices ran them at once. Put the inputs on a mesh of "
+            "`AxisType.Auto` axes, sharded over the batch, and call it under "
+            "`jax.jit` (XLA partitions the program; checked on 8 CPU devices), or "
+            "call it on unsharded inputs."
         )
 
 

@@ -20,7 +20,7 @@ import optimistix as optx
 from jaxtyping import Array, Float, Int
 
 from .._custom_types import RealScalarLike
-from .._rows import refuse_explicit_sharding, Row, Rows
+from .._rows import Row, Rows, with_auto_axes
 from .._saveat import SaveAt
 from .._solution import RESULTS
 from .._support import AbstractThresholdSupport
@@ -102,7 +102,6 @@ class Switched(AbstractMethod):
 
     def prepare(self, rows: Rows, saveat: SaveAt) -> "Switched":
         del saveat
-        refuse_explicit_sharding(rows, "`rx.Switched`")
         supports = rows.supports
         if len(supports) != 1 or not isinstance(supports[0], AbstractThresholdSupport):
             names = ", ".join(type(s).__name__ for s in supports) or "none"
@@ -122,11 +121,16 @@ class Switched(AbstractMethod):
                            is_leaf=lambda x: x is None)
 
     def solve_rows(self, rows: Rows, t0, t1, save_ts, saveat) -> RowSolution:
-        # Failures are raised for the batch, naming the row (as `ODE.solve_rows`).
-        out = super().solve_rows(rows, t0, t1, save_ts, saveat)
-        if self.throw:
-            out = error_if_failed(out, out.result, "`rx.Switched`")
-        return out
+        # As `ODE.solve_rows`: on a mesh of explicit axes the solve runs with them made
+        # `Auto` (`with_auto_axes`), and failures are raised for the batch, naming the
+        # row.
+        def solve(rows, method, t0, t1, save_ts, saveat):
+            out = AbstractMethod.solve_rows(method, rows, t0, t1, save_ts, saveat)
+            if method.throw:
+                out = error_if_failed(out, out.result, "`rx.Switched`")
+            return out
+
+        return with_auto_axes(solve, rows, self, t0, t1, save_ts, saveat)
 
     def solve_row(self, row: Row, t0, t1, save_ts, saveat) -> RowSolution:
         flow, alive = row.flow, row.alive
