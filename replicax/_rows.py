@@ -320,17 +320,26 @@ def with_auto_axes(fn: Callable[..., PyTree], rows: Rows, *args) -> PyTree:
 
 
 def _explicit_spec(rows: Rows) -> tuple[Any, tuple]:
-    """`(mesh, spec)` of the input of `rows` sharded over a mesh of explicit axes that
-    says most: one shaped `(*batch, vocab)` (its spec padded to that rank) if any, else
-    one leading with the batch axes; `(None, ())` if no input is sharded so."""
-    nb = len(rows.batch_shape)
-    found = None
-    for x, mesh, spec in _explicitly_sharded((rows.flow, rows.start, rows.supports)):
-        if x.shape == rows.batch_shape + (rows.vocab_size,):
-            return mesh, spec
-        if found is None and x.shape[:nb] == rows.batch_shape:
-            found = mesh, spec[:nb]
-    return found if found is not None else (None, ())
+    """`(mesh, spec)` of the inputs of `rows` sharded over a mesh of explicit axes:
+    the spec of one shaped `(*batch, vocab)` if any; else the batch axes' spec of one
+    leading with them and the vocabulary's of one ending with it (e.g. logits of shape
+    `(vocab,)` shared by a batch of starts), `None` for a part none gives;
+    `(None, ())` if no input is sharded so."""
+    nb, vocab = len(rows.batch_shape), rows.vocab_size
+    mesh, batch_spec, vocab_spec = None, None, None
+    for x, x_mesh, spec in _explicitly_sharded((rows.flow, rows.start, rows.supports)):
+        if x.shape == rows.batch_shape + (vocab,):
+            return x_mesh, spec
+        mesh = x_mesh if mesh is None else mesh
+        if batch_spec is None and x.shape[:nb] == rows.batch_shape:
+            if any(axis is not None for axis in spec[:nb]):
+                batch_spec = spec[:nb]
+        if vocab_spec is None and x.shape[-1] == vocab and spec[-1] is not None:
+            vocab_spec = spec[-1]
+    if mesh is None:
+        return None, ()
+    batch_spec = (None,) * nb if batch_spec is None else batch_spec
+    return mesh, batch_spec + ((vocab_spec,) if vocab_spec is not None else ())
 
 
 def _explicitly_sharded(tree: PyTree):

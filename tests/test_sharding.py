@@ -129,18 +129,22 @@ SCRIPT = textwrap.dedent(
         rx.Logits(s) + rx.FrequencyPenalty(0.3, tau=1.0), 0.7
     )
 
-    # The gradient through the ODE path's observables, with Heun's method at a
-    # constant step (a smaller program to compile than Tsit5's adaptive loop; the
-    # backward pass is partitioned the same way).
+    # The gradient through the ODE path, with Heun's method at a constant step (a
+    # smaller program to compile than Tsit5's adaptive loop; the backward pass is
+    # partitioned the same way).
     heun = rx.ODE(solver=diffrax.Heun(), stepsize_controller=diffrax.ConstantStepSize(),
-                  dt0=0.125)
+                  dt0=0.125, max_steps=8)
 
     def ode_loss(s):
-        return jnp.sum(rx.solve(penalised(s), t1=1.0, method=heun,
-                                saveat=rx.SaveAt(ts=ts[:3], fn=fn)).observables)
+        return jnp.sum(rx.entropy(rx.solve(penalised(s), t1=1.0, method=heun).log_p))
 
+    starts = jax.nn.softmax(jax.random.normal(jax.random.key(1), logits.shape))
     solvers = {
-        "ODE": lambda s: rx.solve(penalised(s), t1=2.0, saveat=rx.SaveAt(ts=ts)).p,
+        # `SaveAt(fn=...)` observables, from logits of shape (vocab,) shared by a batch
+        # of unsharded starts.
+        "ODE observables": lambda s: rx.solve(
+            penalised(s[0]), y0=starts, t1=2.0, saveat=rx.SaveAt(ts=ts, fn=fn)
+        ).observables,
         "ODE shared steps": lambda s: rx.solve(
             penalised(s), t1=2.0, saveat=rx.SaveAt(ts=ts), shared_steps=True
         ).p,
@@ -148,8 +152,7 @@ SCRIPT = textwrap.dedent(
         "time_to": lambda s: rx.time_to(rx.EntropicReplicator(s, 0.7), eps=1e-3),
         # A top-p face re-evaluated along the path (diffrax, switching times).
         "Switched": lambda s: rx.solve(
-            rx.Replicator(s, 0.7), t1=1.0, saveat=rx.SaveAt(ts=ts[:3]),
-            support=rx.TopP(0.9), method=rx.Switched(),
+            rx.Replicator(s, 0.7), t1=1.0, support=rx.TopP(0.9), method=rx.Switched(),
         ).p,
         # Exponents of shape (rows, k): not sharded along the vocabulary.
         "Lyapunov exponents": lambda s: rx.lyapunov_exponents(
@@ -171,8 +174,8 @@ SCRIPT = textwrap.dedent(
             with jax.set_mesh(mesh):
                 value = jax.jit(solvers[name])(sharded)
             spec = (rows,) + (None,) * (value.ndim - 2) + (vocab,) * (value.ndim > 1)
-            if name == "Lyapunov exponents":
-                spec = (rows, None)
+            if name in ("ODE observables", "Lyapunov exponents"):
+                spec = (rows, None)  # (rows, times) and (rows, k)
             check(f"{case} {name}", value, single[name], spec)
     # A failed solve raises on every device, naming the batch index (no device is left
     # waiting at a collective for the one that raised).
