@@ -372,8 +372,8 @@ def refuse_explicit_sharding(rows: Rows, what: str) -> None:
             "linear solve, eigenvalues), whose CPU kernels never finished when "
             "several CPU devices ran them at once. Put the inputs on a mesh of "
             "`AxisType.Auto` axes, sharded over the batch, and call it under "
-            "`jax.jit` (XLA partitions the program; checked on 8 CPU devices), or "
-            "call it on unsharded inputs."
+            "`jax.jit` (XLA partitions the program; on CPU devices it calls the same "
+            "kernels, with fewer rows per device), or call it on unsharded inputs."
         )
 
 
