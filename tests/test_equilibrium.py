@@ -398,3 +398,22 @@ def test_arnoldi_and_matrix_free_newton_at_v300():
         np.abs(eq.leading_eigenvalue.imag), np.abs(expected.imag), atol=EIG_ATOL
     )
     np.testing.assert_array_equal(np.asarray(eq.stable), [True, False])
+
+
+def test_arnoldi_equals_dense_when_the_krylov_space_fills_the_tangent_space():
+    """(E) with self-reinforcement at V = 64: most tokens have p ≈ 0 at the rest point,
+    so `1ᵀJ` is large and the Krylov space nearly degenerate (Arnoldi's residual falls
+    to ~1e-9 without breaking down). Rounding then left components along the gauge
+    direction `1` in the basis, which the last, tiny residual blew up into a basis
+    vector with Ritz value 0 (reported as the leading eigenvalue, "neutral", where the
+    dense eigensolver gives -0.48). Arnoldi with the whole Krylov space must agree with
+    the dense eigensolver."""
+    logits = 3.0 * jax.random.normal(jax.random.key(0), (2, 64), jnp.float64)
+    flow = rx.EntropicReplicator(rx.Logits(logits) + rx.SelfReinforcement(1.0), 0.7)
+    dense = rx.equilibrium(flow, method=rx.RestPoint(eigensolver="dense"))
+    arnoldi = rx.equilibrium(flow, method=rx.RestPoint(eigensolver="arnoldi"))
+    assert np.all(dense.leading_eigenvalue.real < -0.4)
+    np.testing.assert_allclose(
+        arnoldi.leading_eigenvalue, dense.leading_eigenvalue, atol=EIG_ATOL
+    )
+    np.testing.assert_array_equal(np.asarray(arnoldi.stable), np.asarray(dense.stable))

@@ -373,6 +373,10 @@ def _arnoldi_leading(field, project, x, krylov_dim: int) -> Complex[Array, ""]:
         h2 = jnp.where(known, basis @ w, 0)
         w = w - h2 @ basis
         h = h + h2
+        # Back into the range of P: rounding leaves components along the removed
+        # directions (the gauge `1`: `1ᵀJ` can be large), which a small `beta` would
+        # blow up into a spurious basis vector with Ritz value 0.
+        w = project(w)
         beta = jnp.linalg.norm(w)
         # Breakdown: the Krylov space is invariant (all of it is known).
         go_on = alive & (beta > small * scale)
