@@ -417,3 +417,32 @@ def test_arnoldi_equals_dense_when_the_krylov_space_fills_the_tangent_space():
         arnoldi.leading_eigenvalue, dense.leading_eigenvalue, atol=EIG_ATOL
     )
     np.testing.assert_array_equal(np.asarray(arnoldi.stable), np.asarray(dense.stable))
+
+
+def test_matrix_free_newton_in_float32_without_x64():
+    """With x64 disabled (float32 only, as on most accelerators), lineax's BiCGStab
+    takes a negative `alpha`, `omega` or `rho` for a breakdown, and every matrix-free
+    Newton step failed at its first iteration (residual left at its start). The
+    default above `dense_max` is then GMRES: it must converge to the dense solver's
+    rest point, and its implicit gradient must match the dense one's."""
+    with jax.enable_x64(False):
+        logits = 3.0 * jax.random.normal(jax.random.key(0), (2, 64), jnp.float32)
+        weights = jax.random.normal(jax.random.key(1), (2, 64), jnp.float32)
+
+        def run(s, dense_max):
+            flow = rx.EntropicReplicator(rx.Logits(s) + rx.SelfReinforcement(1.0), 0.7)
+            return rx.equilibrium(flow, method=rx.RestPoint(dense_max=dense_max))
+
+        def loss(s, dense_max):
+            return jnp.sum(weights * jnp.exp(run(s, dense_max).log_p))
+
+        dense, matrix_free = run(logits, 512), run(logits, 32)
+        assert np.all(np.asarray(matrix_free.num_steps) > 1)
+        np.testing.assert_allclose(matrix_free.log_p, dense.log_p, atol=1e-5)
+        np.testing.assert_allclose(
+            matrix_free.leading_eigenvalue, dense.leading_eigenvalue, atol=1e-5
+        )
+        g_dense = jax.grad(loss)(logits, 512)
+        g_free = jax.grad(loss)(logits, 32)
+        scale = float(jnp.max(jnp.abs(g_dense)))
+        np.testing.assert_allclose(g_free, g_dense, atol=1e-5 * scale)

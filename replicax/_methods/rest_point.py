@@ -81,7 +81,10 @@ class RestPoint(AbstractMethod):
         up to `V = dense_max`; above, matrix-free `lineax.BiCGStab` at the root-find
         tolerances (one `jvp` per iteration, memory `O(V)`, no restart basis; it
         compiles about three times faster than `lineax.GMRES`, which you can pass
-        instead where BiCGStab stalls).
+        instead where BiCGStab stalls). With `jax_enable_x64` off (float32 only),
+        matrix-free `lineax.GMRES(restart=20)` at `sqrt(eps)` instead: lineax's
+        BiCGStab then takes negative intermediate scalars for a breakdown and stops
+        at its first iteration on these non-symmetric Jacobians.
     - `adjoint`: an `optimistix` adjoint; default
         `optimistix.ImplicitAdjoint(linear_solver)`.
     - `eigensolver`: `"dense"` forms the tangent Jacobian with `jax.jacfwd` and takes
@@ -224,11 +227,19 @@ class RestPoint(AbstractMethod):
         if linear_solver is None:
             if vocab <= self.dense_max:
                 linear_solver = lx.LU()
-            else:
+            elif jax.config.jax_enable_x64:
                 default = jnp.asarray(jnp.finfo(dtype).eps ** 0.75, dtype)
                 rtol = default if self.rtol is None else self.rtol
                 atol = default if self.atol is None else self.atol
                 linear_solver = lx.BiCGStab(rtol=rtol, atol=atol)
+            else:
+                # With x64 disabled, lineax's BiCGStab takes a negative `alpha`,
+                # `omega` or `rho` (common for these non-symmetric Jacobians) for a
+                # breakdown: every Newton step failed at its first iteration. GMRES
+                # at sqrt(eps) (inexact Newton; float32 matvecs do not reach eps^0.75
+                # on every row) converges.
+                loose = jnp.asarray(jnp.finfo(dtype).eps ** 0.5, dtype)
+                linear_solver = lx.GMRES(rtol=loose, atol=loose, restart=20)
         root_finder = self.root_finder
         if root_finder is None:
             root_finder = optx.Newton(
