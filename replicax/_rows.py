@@ -365,7 +365,7 @@ def refuse_explicit_sharding(rows: Rows, what: str) -> None:
     the pool and wait forever. Run with `with_auto_axes` on 8 CPU devices and the
     vocabulary sharded, its program never finished (a stack trace showed the LU
     factorisation waiting there)."""
-    for _ in _explicitly_sharded((rows.flow, rows.start)):
+    if _explicit_spec(rows)[0] is not None:
         raise NotImplementedError(
             f"{what} does not run yet on inputs sharded over a mesh of explicit "
             "axes (`jax.make_mesh`'s default): its program calls LAPACK (a dense "
