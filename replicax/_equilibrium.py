@@ -13,7 +13,14 @@ from jaxtyping import Array, ArrayLike, Bool, Complex, Float, Int
 from ._flows import AbstractFlow
 from ._methods import AbstractMethod, RestPoint
 from ._methods.base import error_if_failed
-from ._rows import Rows, prepare_rows, vmap_rows
+from ._rows import (
+    Rows,
+    explicit_batch_shards,
+    map_rows_per_shard,
+    prepare_rows,
+    vmap_rows,
+    with_auto_axes,
+)
 from ._solution import RESULTS
 
 
@@ -115,7 +122,18 @@ def equilibrium(
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)
 def _equilibrium_rows(rows: Rows, method: AbstractMethod):
-    out = vmap_rows(method.rest_point_row, rows)
-    # Failures are raised for the batch, naming the row (as `ODE.solve_rows`).
-    throw = getattr(method, "throw", True)
-    return error_if_failed(out, out.result, "`rx.equilibrium`", when=throw)
+    # On a mesh of explicit axes the search runs with them made `Auto`, as the ODE
+    # path does (`with_auto_axes`), and the contexts of each device one at a time:
+    # see `map_rows_per_shard` for why (LAPACK's CPU kernels).
+    shards = explicit_batch_shards(rows)
+
+    def search(rows, method):
+        if shards is None:
+            out = vmap_rows(method.rest_point_row, rows)
+        else:
+            out = map_rows_per_shard(method.rest_point_row, rows, shards)
+        # Failures are raised for the batch, naming the row (as `ODE.solve_rows`).
+        throw = getattr(method, "throw", True)
+        return error_if_failed(out, out.result, "`rx.equilibrium`", when=throw)
+
+    return with_auto_axes(search, rows, method)

@@ -356,25 +356,42 @@ def _explicitly_sharded(tree: PyTree):
             yield x, mesh, spec
 
 
-def refuse_explicit_sharding(rows: Rows, what: str) -> None:
-    """`NotImplementedError` now if an input of `rows` is sharded over a mesh of
-    explicit axes, for what cannot run on such inputs yet (`rx.equilibrium`): its
-    program calls LAPACK (the dense linear solve, the eigenvalues), and jaxlib 0.10's
-    CPU LAPACK kernels split a batch over XLA's CPU thread pool and wait for the
-    pieces, so that several CPU devices calling them at once can take every thread of
-    the pool and wait forever. Run with `with_auto_axes` on 8 CPU devices and the
-    vocabulary sharded, its program never finished (a stack trace showed the LU
-    factorisation waiting there)."""
-    if _explicit_spec(rows)[0] is not None:
-        raise NotImplementedError(
-            f"{what} does not run yet on inputs sharded over a mesh of explicit "
-            "axes (`jax.make_mesh`'s default): its program calls LAPACK (a dense "
-            "linear solve, eigenvalues), whose CPU kernels never finished when "
-            "several CPU devices ran them at once. Put the inputs on a mesh of "
-            "`AxisType.Auto` axes, sharded over the batch, and call it under "
-            "`jax.jit` (XLA partitions the program; on CPU devices it calls the same "
-            "kernels, with fewer rows per device), or call it on unsharded inputs."
-        )
+def explicit_batch_shards(rows: Rows) -> int | None:
+    """Into how many parts the batch of `rows` is split over a mesh of explicit axes
+    (the product of the sizes of the mesh axes that shard a batch axis; `1` when only
+    the vocabulary is sharded), or `None` when no input is sharded over such a mesh."""
+    mesh, spec = _explicit_spec(rows)
+    if mesh is None:
+        return None
+    shards = 1
+    for entry in spec[: len(rows.batch_shape)]:
+        for axis in entry if isinstance(entry, tuple) else (entry,):
+            if axis is not None:
+                shards *= mesh.shape[axis]
+    return shards
+
+
+def map_rows_per_shard(fn: Callable[[Row], PyTree], rows: Rows, shards: int) -> PyTree:
+    """`fn(row)` for every context, as `vmap_rows`, but one context at a time within
+    each of `shards` equal parts of the flattened batch: the parts are `vmap`ped and
+    the contexts of a part `lax.map`ped. Run under `with_auto_axes` with `shards` from
+    `explicit_batch_shards`, so that each device holds one part.
+
+    For programs that call LAPACK (dense linear solves, eigenvalues: `rx.equilibrium`):
+    jaxlib's CPU LAPACK kernels split a batch of matrices over XLA's CPU thread pool
+    and wait for the pieces, and several CPU devices doing so at once can leave every
+    thread of the pool waiting (measured with jaxlib 0.10 on 8 CPU devices: the
+    `vmap`ped program hung 3 times in 3). Each call here sees one matrix per device.
+    A batch that does not split evenly is mapped as one part."""
+
+    def mapped(flat: Row) -> PyTree:
+        n = jtu.tree_leaves(flat)[0].shape[0]
+        k = shards if n % shards == 0 else 1
+        parts = jtu.tree_map(lambda x: x.reshape(k, n // k, *x.shape[1:]), flat)
+        out = jax.vmap(lambda part: jax.lax.map(fn, part))(parts)
+        return jtu.tree_map(lambda x: x.reshape(n, *x.shape[2:]), out)
+
+    return on_rows(mapped, rows)
 
 
 def prepare_rows(

@@ -3,8 +3,8 @@ the logits give results equal to one device's and keep the input's sharding, wit
 input gathered onto one device by XLA ("involuntary full rematerialization"): the closed
 forms (solve, faces, observables, `rx.path_statistics`, gradients), the ODE path (with
 and without shared steps, its observables and gradient), `rx.Switched`, `rx.time_to`
-and `rx.lyapunov_exponents`; `rx.equilibrium` refuses explicitly sharded inputs with a
-message naming the workaround (issue: GPU performance and scale, item 4).
+`rx.lyapunov_exponents` and `rx.equilibrium` (issue: GPU performance and scale,
+item 4).
 
 The device count is fixed when JAX starts, so the checks run in one subprocess started
 with `--xla_force_host_platform_device_count=8`.
@@ -139,6 +139,13 @@ SCRIPT = textwrap.dedent(
         return jnp.sum(rx.entropy(rx.solve(penalised(s), t1=1.0, method=heun).log_p))
 
     starts = jax.nn.softmax(jax.random.normal(jax.random.key(1), logits.shape))
+    reinforced = lambda s: rx.EntropicReplicator(
+        rx.Logits(s) + rx.SelfReinforcement(1.0), 0.7
+    )
+
+    def rest_loss(s):
+        return jnp.sum(starts * jnp.exp(rx.equilibrium(reinforced(s)).log_p))
+
     solvers = {
         # `SaveAt(fn=...)` observables, from logits of shape (vocab,) shared by a batch
         # of unsharded starts.
@@ -158,14 +165,19 @@ SCRIPT = textwrap.dedent(
         "Lyapunov exponents": lambda s: rx.lyapunov_exponents(
             penalised(s), t1=1.0, k=2
         ).exponents,
+        # Newton's method with LAPACK's LU (one context at a time on each device),
+        # compared in `p`: a root find stops within its tolerance of the root.
+        "equilibrium": lambda s: jnp.exp(rx.equilibrium(reinforced(s)).log_p),
+        "equilibrium grad": jax.grad(rest_loss),
     }
     # Compiles are what take the time: the batch sharding (no communication) is
     # checked on the ODE path with one step size for the batch, the vocabulary sharding
     # on the others.
     single = {}
     for case, (rows, vocab), names in (
-        ("batch", ("d", None), ("ODE shared steps",)),
-        ("vocab", (None, "d"), [n for n in solvers if n != "ODE shared steps"]),
+        ("batch", ("d", None), ("ODE shared steps", "equilibrium grad")),
+        ("vocab", (None, "d"), [n for n in solvers if "shared" not in n
+                                and "equilibrium grad" not in n]),
     ):
         sharded = jax.device_put(logits, NamedSharding(mesh, P(rows, vocab)))
         for name in names:
@@ -186,16 +198,14 @@ SCRIPT = textwrap.dedent(
         except Exception as error:
             assert "The ODE solve failed at batch index (0,)" in str(error), error
             assert "max_steps" in str(error), error
-        # `rx.equilibrium`, whose program calls LAPACK, refuses them (run so on these
-        # CPU devices, it never finished), with a message naming the workaround.
+        # So does a failed rest-point search (one context at a time on each device).
         try:
-            rx.equilibrium(
-                rx.EntropicReplicator(rx.Logits(sharded) + rx.SelfReinforcement(1.0), 0.7)
-            )
-            raise AssertionError("no error from equilibrium")
-        except NotImplementedError as error:
-            assert "equilibrium" in str(error) and "LAPACK" in str(error), str(error)
-            assert "AxisType.Auto" in str(error), str(error)
+            method = rx.RestPoint(max_steps=1)
+            jax.block_until_ready(rx.equilibrium(reinforced(sharded), method=method))
+            raise AssertionError("no error for max_steps=1")
+        except Exception as error:
+            assert "`rx.equilibrium`" in str(error), error
+            assert "batch index (0,)" in str(error), error
     print("worst relative error:", max(worst.values()), worst)
 
     # On a mesh of `Auto` axes (no mesh in context), XLA partitions the program itself.

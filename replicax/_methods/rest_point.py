@@ -35,7 +35,6 @@ from .._rows import (
     as_scalar,
     check_scalar,
     floats_to_arrays,
-    refuse_explicit_sharding,
     Row,
     Rows,
     vmap_rows,
@@ -174,7 +173,6 @@ class RestPoint(AbstractMethod):
     # -- rest points ------------------------------------------------------------------
 
     def prepare_rest_point(self, rows: Rows) -> "RestPoint":
-        refuse_explicit_sharding(rows, "`rx.equilibrium`")
         flow = rows.flow
         if flow.score.is_constant and _ignores_state(flow):
             raise ValueError(
