@@ -8,6 +8,7 @@ the answers into an `Equilibrium`.
 from typing import Any
 
 import equinox as eqx
+import jax
 from jaxtyping import Array, ArrayLike, Bool, Complex, Float, Int
 
 from ._flows import AbstractFlow
@@ -124,8 +125,14 @@ def equilibrium(
 def _equilibrium_rows(rows: Rows, method: AbstractMethod):
     # On a mesh of explicit axes the search runs with them made `Auto`, as the ODE
     # path does (`with_auto_axes`), and the contexts of each device one at a time:
-    # see `map_rows_per_shard` for why (LAPACK's CPU kernels).
+    # see `map_rows_per_shard` for why (LAPACK's CPU kernels). With several CPU
+    # devices the contexts are mapped one at a time whatever the sharding: inputs on a
+    # mesh of `Auto` axes carry no sharding in their types under `jit`, and vmapped
+    # they hung as explicitly sharded ones did (measured on 8 CPU devices: vocabulary
+    # sharding, and batch sharding called eagerly).
     shards = explicit_batch_shards(rows)
+    if shards is None and jax.default_backend() == "cpu" and jax.device_count() > 1:
+        shards = 1
 
     def search(rows, method):
         if shards is None:

@@ -213,6 +213,11 @@ SCRIPT = textwrap.dedent(
     auto = jax.device_put(logits, NamedSharding(auto_mesh, P(None, "d")))
     ode = lambda s: rx.solve(penalised(s), t1=2.0, shared_steps=True).p
     check("ODE on an Auto mesh", jax.jit(ode)(auto), ode(logits), None)
+    # Inputs on an `Auto` mesh carry no sharding in their types under `jit`:
+    # `rx.equilibrium` maps the contexts one at a time whenever there are several CPU
+    # devices (vmapped, this hung in LAPACK's LU).
+    rest = lambda s: jnp.exp(rx.equilibrium(reinforced(s)).log_p)
+    check("equilibrium on an Auto mesh", jax.jit(rest)(auto), rest(logits), None)
     print("all ok")
     """
 )
