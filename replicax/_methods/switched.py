@@ -158,7 +158,11 @@ class Switched(AbstractMethod):
 
             def cond_fn(t, y, args, **kwargs):
                 del t, args, kwargs
-                return margin(flow.readout(y, alive), face)
+                value = margin(flow.readout(y, alive), face)
+                # In JAX's default float dtype: diffrax pairs the event value with a
+                # Python `0.0` in a `lax.cond`, which is float64 under x64 and must
+                # match it there.
+                return value.astype(jnp.result_type(float))
 
             sol = diffrax.diffeqsolve(
                 diffrax.ODETerm(vector_field),
