@@ -17,10 +17,12 @@ whose zero has `log_rate = 0` and `logsumexp_face θ = 0` (the rate is centred,
 nonsingular wherever the rest point is isolated (`J` nonsingular on the tangent space).
 """
 
+import functools
 import math
 from typing import ClassVar
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
@@ -53,8 +55,9 @@ class RestPoint(AbstractMethod):
 
     The root find is `optimistix.root_find` on `F(θ)` above (module docstring), started
     from the context's start; its gradients come from the implicit function theorem
-    (`optimistix.ImplicitAdjoint`): they cost one linear solve with the Jacobian at the
-    root, whatever the number of iterations, and they do not depend on the start.
+    (as with `optimistix.ImplicitAdjoint`): they cost one linear solve with the
+    Jacobian at the root, whatever the number of iterations, and they do not depend on
+    the start.
 
     Stability is read from the Jacobian of the *full* field, on the log-weights and the
     history (`log_rate` and `score.aux_rate`), at the rest point, restricted to the
@@ -84,8 +87,10 @@ class RestPoint(AbstractMethod):
         matrix-free `lineax.GMRES(restart=20)` at `sqrt(eps)` instead: lineax's
         BiCGStab then takes negative intermediate scalars for a breakdown and stops
         at its first iteration on these non-symmetric Jacobians.
-    - `adjoint`: an `optimistix` adjoint; default
-        `optimistix.ImplicitAdjoint(linear_solver)`.
+    - `adjoint`: an `optimistix` adjoint; default the implicit function theorem with
+        `linear_solver`, as `optimistix.ImplicitAdjoint` but with no run-time check in
+        the linear solves of its tangent and transpose (see `ImplicitAdjoint` in this
+        module).
     - `eigensolver`: `"dense"` forms the tangent Jacobian with `jax.jacfwd` and takes
         all its eigenvalues (`jnp.linalg.eigvals`); `"arnoldi"` never forms it:
         `krylov_dim` steps of Arnoldi on `jvp`s, returning the Ritz value with the
@@ -245,7 +250,7 @@ class RestPoint(AbstractMethod):
             )
         adjoint = self.adjoint
         if adjoint is None:
-            adjoint = optx.ImplicitAdjoint(linear_solver=linear_solver)
+            adjoint = ImplicitAdjoint(linear_solver)
         sol = optx.root_find(
             rest_field,
             root_finder,
@@ -403,6 +408,77 @@ def _arnoldi_leading(field, project, x, krylov_dim: int) -> Complex[Array, ""]:
     sigma = 1 + jnp.max(jnp.sum(jnp.abs(h), axis=1))
     h = jnp.where(unused[None, :], 0, h) - jnp.diag(jnp.where(unused, sigma, 0))
     return _leading(jnp.linalg.eigvals(h))
+
+
+class ImplicitAdjoint(optx.AbstractAdjoint):
+    """Gradients of a root find from the implicit function theorem: at the root `y*` of
+    `F(y, x) = 0`, `dy* = -(∂F/∂y)⁻¹ (∂F/∂x) dx`, one linear solve whatever the number
+    of iterations (what `optimistix.ImplicitAdjoint` computes).
+
+    The solve goes through `jax.lax.custom_linear_solve`, with lineax's solver called
+    with `throw=False` for the tangent and for its transpose. lineax's own transpose
+    rule checks its solution for non-finite values (`throw=True`, fixed there) in a
+    `cond` with a host callback; in a program sharded along the vocabulary XLA places
+    that `cond` on one device and gathers a vector there ("involuntary full
+    rematerialization"). A singular Jacobian at the root shows as non-finite
+    gradients; the search itself reports a failed or non-isolated rest point.
+    """
+
+    linear_solver: lx.AbstractLinearSolver
+
+    def apply(self, primal_fn, rewrite_fn, inputs, tags):
+        # The last input is the loop the solver runs (optimistix's convention); a plain
+        # `lax.while_loop` here, as the gradient never goes through the iterations.
+        inputs = inputs + (functools.partial(eqxi.while_loop, kind="lax"),)
+        root, residual = _implicit_root(
+            primal_fn, rewrite_fn, inputs, tags, self.linear_solver
+        )
+        return root, jtu.tree_map(eqxi.nondifferentiable_backward, residual)
+
+
+@eqx.filter_custom_jvp
+def _implicit_root(primal_fn, rewrite_fn, inputs, tags, linear_solver):
+    del rewrite_fn, tags, linear_solver
+    return jtu.tree_map(jnp.asarray, primal_fn(inputs))
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _rewrite_at(root, args):
+    rewrite_fn, residual, inputs = args
+    return rewrite_fn(root, residual, inputs)
+
+
+@_implicit_root.def_jvp
+def _implicit_root_jvp(primals, tangents):
+    primal_fn, rewrite_fn, inputs, tags, linear_solver = primals
+    t_inputs = tangents[2]
+    root, residual = _implicit_root(primal_fn, rewrite_fn, inputs, tags, linear_solver)
+    # `∂F/∂x · dx` over the inputs that carry a tangent.
+    untangented = jtu.tree_map(_is_none, t_inputs, is_leaf=_is_none)
+    fixed, varied = eqx.partition(inputs, untangented, is_leaf=_is_none)
+    _, rhs = jax.jvp(
+        lambda v: rewrite_fn(root, residual, eqx.combine(v, fixed)),
+        (varied,),
+        (t_inputs,),
+    )
+    operator = lx.JacobianLinearOperator(
+        _rewrite_at, root, (rewrite_fn, residual, inputs), tags=tags
+    )
+
+    def solve(_, b):
+        return lx.linear_solve(operator, b, linear_solver, throw=False).value
+
+    def transpose_solve(_, b):
+        transposed = operator.transpose()
+        return lx.linear_solve(transposed, b, linear_solver, throw=False).value
+
+    t_root = jax.lax.custom_linear_solve(operator.mv, rhs, solve, transpose_solve)
+    t_root = jtu.tree_map(jnp.negative, t_root)
+    t_residual = jax.custom_derivatives.zero_from_primal(residual, symbolic_zeros=True)
+    return (root, residual), (t_root, t_residual)
 
 
 def _ignores_state(flow: AbstractFlow) -> bool:
