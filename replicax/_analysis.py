@@ -16,7 +16,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
 from ._observables import fisher_rao_distance
-from ._rows import as_scalar, check_scalar, prepare_rows
+from ._rows import as_scalar, check_scalar, prepare_rows, with_auto_axes
 from ._saveat import SaveAt
 from ._solution import RESULTS, Trajectory
 from ._solve import solve
@@ -108,7 +108,8 @@ def curl(
     t = as_scalar(t, "t", rows.dtype)
     if aux is not None:
         aux = _aux_rows(aux, rows)
-    return _curl_rows(rows, t, aux, keys, method, num_probes)
+    # On a mesh of explicit axes, run with them made `Auto` (as the ODE path).
+    return with_auto_axes(_curl_rows, rows, t, aux, keys, method, num_probes)
 
 
 def _aux_rows(aux, rows):

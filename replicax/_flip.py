@@ -35,7 +35,15 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow
 from ._methods import ODE, AbstractMethod, Exact
-from ._rows import Row, as_scalar, check_scalar, prepare_rows, prepare_times, vmap_rows
+from ._rows import (
+    Row,
+    as_scalar,
+    check_scalar,
+    prepare_rows,
+    prepare_times,
+    vmap_rows,
+    with_auto_axes,
+)
 from ._saveat import SaveAt
 from ._scores import Logits
 from ._solution import RESULTS
@@ -203,7 +211,8 @@ def flip_margin(
     # A forward-mode adjoint cannot be pulled back through: take ∇g by pushing forward
     # one tangent per token instead.
     forward = isinstance(getattr(method, "adjoint", None), diffrax.ForwardMode)
-    return _flip_rows(rows, method, t0, t1, options, rivals, forward)
+    # On a mesh of explicit axes, run with them made `Auto` (as the ODE path).
+    return with_auto_axes(_flip_rows, rows, method, t0, t1, options, rivals, forward)
 
 
 def _as_method(method, flow: AbstractFlow) -> AbstractMethod:

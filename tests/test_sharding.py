@@ -3,8 +3,8 @@ the logits give results equal to one device's and keep the input's sharding, wit
 input gathered onto one device by XLA ("involuntary full rematerialization"): the closed
 forms (solve, faces, observables, `rx.path_statistics`, gradients), the ODE path (with
 and without shared steps, its observables and gradient), `rx.Switched`, `rx.time_to`
-`rx.lyapunov_exponents` and `rx.equilibrium` (issue: GPU performance and scale,
-item 4).
+`rx.lyapunov_exponents`, `rx.equilibrium`, `rx.flip_margin` and `rx.curl` (issue: GPU
+performance and scale, item 4).
 
 The device count is fixed when JAX starts, so the checks run in one subprocess started
 with `--xla_force_host_platform_device_count=8`.
@@ -139,6 +139,7 @@ SCRIPT = textwrap.dedent(
         return jnp.sum(rx.entropy(rx.solve(penalised(s), t1=1.0, method=heun).log_p))
 
     starts = jax.nn.softmax(jax.random.normal(jax.random.key(1), logits.shape))
+    factors = jax.random.normal(jax.random.key(2), (2, logits.shape[1], 4))
     reinforced = lambda s: rx.EntropicReplicator(
         rx.Logits(s) + rx.SelfReinforcement(1.0), 0.7
     )
@@ -169,13 +170,22 @@ SCRIPT = textwrap.dedent(
         # compared in `p`: a root find stops within its tolerance of the root.
         "equilibrium": lambda s: jnp.exp(rx.equilibrium(reinforced(s)).log_p),
         "equilibrium grad": jax.grad(rest_loss),
+        # The flip margin (a search along the path's gradient) and the curl of a
+        # payoff (a Jacobian per context) also run their rows with the axes `Auto`.
+        "flip margin": lambda s: rx.flip_margin(
+            rx.EntropicReplicator(s, 0.7), t1=2.0
+        ).margin,
+        "curl": lambda s: rx.curl(
+            rx.Replicator(rx.Logits(s) + rx.LowRankPayoff(factors[0], factors[1]), 0.7),
+            jnp.log(starts),
+        ),
     }
     # Compiles are what take the time: the batch sharding (no communication) is
     # checked on the ODE path with one step size for the batch, the vocabulary sharding
     # on the others.
     single = {}
     for case, (rows, vocab), names in (
-        ("batch", ("d", None), ("ODE shared steps", "equilibrium grad")),
+        ("batch", ("d", None), ("ODE shared steps", "equilibrium grad", "curl")),
         ("vocab", (None, "d"), [n for n in solvers if "shared" not in n]),
     ):
         sharded = jax.device_put(logits, NamedSharding(mesh, P(rows, vocab)))
