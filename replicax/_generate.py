@@ -37,6 +37,7 @@ from ._custom_types import RealScalarLike
 from ._flows import AbstractFlow, EntropicReplicator
 from ._misc import compute_dtype, is_concrete
 from ._observables import entropy, kl, limit_log_p, time_to
+from ._rows import explicitly_sharded
 from ._solve import solve
 from ._support import as_supports
 
@@ -557,6 +558,23 @@ def _check_model(logits_fn, prompt, state, batch, jit):
 # The entry point
 
 
+def _refuse_explicit_sharding(inputs: PyTree) -> None:
+    """`NotImplementedError` now for inputs sharded over a mesh of explicit axes: the
+    decoding loop builds its buffers (history, counts, masks) unsharded, and JAX's
+    explicit sharding refuses to combine them with sharded prompts or logits (measured
+    on 8 CPU devices: a `ShardingTypeError` for a prompt sharded over the batch, and for
+    model weights sharded over the vocabulary). On a mesh of `Auto` axes the same
+    calls run and give one device's tokens."""
+    if next(explicitly_sharded(inputs), None) is not None:
+        raise NotImplementedError(
+            "`rx.generate` does not run yet on inputs sharded over a mesh of explicit "
+            "axes (`jax.make_mesh`'s default): its decoding buffers are unsharded. Put "
+            "the prompt and the model's state on a mesh made with "
+            "`axis_types=(jax.sharding.AxisType.Auto, ...)` instead (XLA then "
+            "partitions the loop), or pass them unsharded."
+        )
+
+
 def generate(
     logits_fn: Callable[[Int[Array, "batch tokens"], PyTree], tuple[Array, PyTree]],
     prompt: Int[ArrayLike, "batch prompt"],
@@ -733,6 +751,7 @@ def generate(
             f"one token; received shape {prompt.shape}, dtype {prompt.dtype}."
         )
     batch, prompt_length = prompt.shape
+    _refuse_explicit_sharding((prompt, state, targets, attention_mask))
     if attention_mask is None:
         mask = jnp.ones(prompt.shape, bool)
     else:

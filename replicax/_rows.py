@@ -327,7 +327,7 @@ def _explicit_spec(rows: Rows) -> tuple[Any, tuple]:
     `(None, ())` if no input is sharded so."""
     nb, vocab = len(rows.batch_shape), rows.vocab_size
     mesh, batch_spec, vocab_spec = None, None, None
-    for x, x_mesh, spec in _explicitly_sharded((rows.flow, rows.start, rows.supports)):
+    for x, x_mesh, spec in explicitly_sharded((rows.flow, rows.start, rows.supports)):
         if x.shape == rows.batch_shape + (vocab,):
             return x_mesh, spec
         mesh = x_mesh if mesh is None else mesh
@@ -342,7 +342,7 @@ def _explicit_spec(rows: Rows) -> tuple[Any, tuple]:
     return mesh, batch_spec + ((vocab_spec,) if vocab_spec is not None else ())
 
 
-def _explicitly_sharded(tree: PyTree):
+def explicitly_sharded(tree: PyTree):
     """`(leaf, mesh, spec)` for each array leaf of `tree` sharded along some axis over a
     mesh of explicit axes (`spec` padded with `None` to the leaf's rank)."""
     for x in jtu.tree_leaves(tree):

@@ -3,8 +3,9 @@ the logits give results equal to one device's and keep the input's sharding, wit
 input gathered onto one device by XLA ("involuntary full rematerialization"): the closed
 forms (solve, faces, observables, `rx.path_statistics`, gradients), the ODE path (with
 and without shared steps, its observables and gradient), `rx.Switched`, `rx.time_to`
-`rx.lyapunov_exponents`, `rx.equilibrium`, `rx.flip_margin` and `rx.curl` (issue: GPU
-performance and scale, item 4).
+`rx.lyapunov_exponents`, `rx.equilibrium`, `rx.flip_margin` and `rx.curl`; `rx.generate`
+on a mesh of `Auto` axes, and its refusal of explicit ones (issue: GPU performance and
+scale, item 4).
 
 The device count is fixed when JAX starts, so the checks run in one subprocess started
 with `--xla_force_host_platform_device_count=8`.
@@ -227,6 +228,24 @@ SCRIPT = textwrap.dedent(
     # devices (vmapped, this hung in LAPACK's LU).
     rest = lambda s: jnp.exp(rx.equilibrium(reinforced(s)).log_p)
     check("equilibrium on an Auto mesh", jax.jit(rest)(auto), rest(logits), None)
+
+    # `rx.generate` (a model of one-hot rows times a table of logits): on an `Auto`
+    # mesh it gives one device's tokens; on explicit axes it refuses, naming that.
+    model = lambda tokens, table: (jax.nn.one_hot(tokens[:, -1], 64) @ table, table)
+    prompt = jax.random.randint(jax.random.key(3), (16, 3), 0, 64)
+    decode = dict(max_new_tokens=4, key=jax.random.key(4), frequency_penalty=0.3)
+    tokens = rx.generate(model, prompt, logits[:4].repeat(16, 0), **decode).tokens
+    with jax.set_mesh(auto_mesh):
+        got = rx.generate(model, prompt, jax.device_put(logits[:4].repeat(16, 0),
+                          NamedSharding(auto_mesh, P(None, "d"))), **decode).tokens
+    assert np.array_equal(np.asarray(got), np.asarray(tokens))
+    with jax.set_mesh(mesh):
+        try:
+            rx.generate(model, jax.device_put(prompt, NamedSharding(mesh, P("d"))),
+                        logits[:4].repeat(16, 0), **decode)
+            raise AssertionError("no error from generate")
+        except NotImplementedError as error:
+            assert "AxisType.Auto" in str(error), error
     print("all ok")
     """
 )
