@@ -2,7 +2,7 @@
 the logits give results equal to one device's and keep the input's sharding, with no
 input gathered onto one device by XLA ("involuntary full rematerialization"): the closed
 forms (solve, faces, observables, `rx.path_statistics`, gradients), the ODE path (with
-and without shared steps, its observables and gradient), `rx.Switched`, `rx.time_to`
+and without shared steps, its observables and gradient), `rx.Switched`, `rx.time_to`,
 `rx.lyapunov_exponents`, `rx.equilibrium`, `rx.flip_margin` and `rx.curl`; `rx.generate`
 on a mesh of `Auto` axes, and its refusal of explicit ones (issue: GPU performance and
 scale, item 4).
@@ -182,7 +182,8 @@ SCRIPT = textwrap.dedent(
         ),
     }
     # Compiles are what take the time: the batch sharding (no communication) is
-    # checked on the ODE path with one step size for the batch, the vocabulary sharding
+    # checked on the ODE path with one step size for the batch, the rest-point gradient
+    # and the curl (both failed under batch sharding before), the vocabulary sharding
     # on the others.
     single = {}
     for case, (rows, vocab), names in (
@@ -234,15 +235,16 @@ SCRIPT = textwrap.dedent(
     model = lambda tokens, table: (jax.nn.one_hot(tokens[:, -1], 64) @ table, table)
     prompt = jax.random.randint(jax.random.key(3), (16, 3), 0, 64)
     decode = dict(max_new_tokens=4, key=jax.random.key(4), frequency_penalty=0.3)
-    tokens = rx.generate(model, prompt, logits[:4].repeat(16, 0), **decode).tokens
+    table = logits[:4].repeat(16, 0)  # (64, 64): next-token logits per token
+    tokens = rx.generate(model, prompt, table, **decode).tokens
     with jax.set_mesh(auto_mesh):
-        got = rx.generate(model, prompt, jax.device_put(logits[:4].repeat(16, 0),
-                          NamedSharding(auto_mesh, P(None, "d"))), **decode).tokens
+        got = rx.generate(model, prompt, jax.device_put(
+            table, NamedSharding(auto_mesh, P(None, "d"))), **decode).tokens
     assert np.array_equal(np.asarray(got), np.asarray(tokens))
     with jax.set_mesh(mesh):
         try:
             rx.generate(model, jax.device_put(prompt, NamedSharding(mesh, P("d"))),
-                        logits[:4].repeat(16, 0), **decode)
+                        table, **decode)
             raise AssertionError("no error from generate")
         except NotImplementedError as error:
             assert "AxisType.Auto" in str(error), error
