@@ -24,13 +24,14 @@ step function, so they give the same tokens.
 import math
 import sys
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ._custom_types import RealScalarLike
@@ -123,6 +124,70 @@ class _Carry(eqx.Module):
     seen_prompt: Bool[Array, "batch vocab"]  # tokens of the prompt (mask-aware)
     counts: Float[Array, "batch vocab"]  # generated counts (or expected counts)
     unseen: Float[Array, "batch vocab"]  # probability that a token was not generated
+
+
+# --------------------------------------------------------------------------------------
+# Inputs sharded over a mesh of explicit axes
+
+
+class _Layout(NamedTuple):
+    """Where a run's arrays live when its logits or tokens are sharded over a mesh of
+    explicit axes: the mesh, and the mesh axis (or axes) of the batch and of the
+    vocabulary (`None`: not sharded)."""
+
+    mesh: Any
+    batch: Any
+    vocab: Any
+
+
+def _layout(logits: Array | None, tokens: Array) -> _Layout | None:
+    """The layout of a run from the model's logits `(batch, vocab)` (the batch and
+    vocabulary axes) and the tokens `(batch, ...)` (the batch axis, when the logits do
+    not shard it); `None` when neither is sharded over a mesh of explicit axes."""
+    mesh = batch = vocab = None
+    for _, logits_mesh, spec in explicitly_sharded(logits):
+        mesh, batch, vocab = logits_mesh, spec[0], spec[-1]
+    for _, token_mesh, spec in explicitly_sharded(tokens):
+        mesh = token_mesh if mesh is None else mesh
+        if batch is None and spec[0] != vocab:
+            batch = spec[0]
+    return None if mesh is None else _Layout(mesh, batch, vocab)
+
+
+def _on_mesh(fn: Callable, layout: _Layout | None, specs: PyTree, *args) -> PyTree:
+    """`fn(*args)`; under a layout, with the mesh's axes made `Auto` and the outputs
+    placed as `specs` (`PartitionSpec`s, one per output leaf).
+
+    The loop's own steps (penalties, flows, choice, records) run so: XLA partitions
+    them from their inputs' shardings, as it does for the flows (`rx.solve`), where
+    explicit sharding would refuse their unsharded buffers and nested solvers. The
+    model is not: it runs as its author wrote it, on the mesh's explicit axes."""
+    if layout is None:
+        return fn(*args)
+    dynamic, static = eqx.partition(args, eqx.is_array)
+    shardings = jtu.tree_map(
+        lambda spec: NamedSharding(layout.mesh, spec),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    call = jax.sharding.auto_axes(
+        lambda dynamic: fn(*eqx.combine(dynamic, static)), out_sharding=shardings
+    )
+    return call(dynamic)
+
+
+def _carry_specs(layout: _Layout) -> _Carry:
+    rows = PartitionSpec(layout.batch, layout.vocab)
+    return _Carry(PartitionSpec(layout.batch, None), rows, rows, rows)
+
+
+def _record_specs(layout: _Layout, config: _Config) -> dict[str, PartitionSpec]:
+    """The placement of one step's records: per row, and `log_p` per row and token."""
+    names = ["log_prob", "entropy", "kl"] + ["time_to"] * config.with_time_to
+    specs = {name: PartitionSpec(layout.batch) for name in names}
+    if config.save_log_p:
+        specs["log_p"] = PartitionSpec(layout.batch, layout.vocab)
+    return specs
 
 
 # --------------------------------------------------------------------------------------
@@ -290,6 +355,19 @@ def _step(params, config, carry, logits, t, x):
     return carry, token, records
 
 
+def _step_on_mesh(params, config, carry, logits, t, x):
+    """`_step`; on sharded inputs, placed as the carry and the logits are."""
+    layout = _layout(logits, carry.history)
+    if layout is None:
+        return _step(params, config, carry, logits, t, x)
+    specs = (
+        _carry_specs(layout),
+        PartitionSpec(layout.batch),
+        _record_specs(layout, config),
+    )
+    return _on_mesh(_step, layout, specs, params, config, carry, logits, t, x)
+
+
 # --------------------------------------------------------------------------------------
 # The loop detector
 
@@ -332,10 +410,29 @@ def _init(config, prompt, mask, dtype):
     return _Carry(history, seen, counts, jnp.ones((batch, vocab), dtype))
 
 
+def _start(config, prompt, mask, logits):
+    """The loop's first carry; on sharded inputs, batch and vocabulary axes placed as
+    the model's logits on the prompt (the batch as the prompt's if they do not shard
+    it)."""
+    layout = _layout(logits, prompt)
+    specs = None if layout is None else _carry_specs(layout)
+    return _on_mesh(_init, layout, specs, config, prompt, mask, config.dtype)
+
+
 def _finish(config, tokens, records, state):
     """Stack the records (steps first) into a `Generation` (batch first)."""
     records = {k: jnp.moveaxis(v, 0, 1) for k, v in records.items()}
-    window = config.loop_window
+    layout = _layout(None, tokens)
+    specs = None if layout is None else (PartitionSpec(layout.batch),) * 2
+    repeated, cycle = _on_mesh(
+        lambda tokens: (
+            _repeated_ngrams(tokens, config.loop_ngram_size),
+            _cycle_length(tokens, config.loop_window),
+        ),
+        layout,
+        specs,
+        tokens,
+    )
     return Generation(
         tokens=tokens,
         log_prob=records["log_prob"],
@@ -343,8 +440,8 @@ def _finish(config, tokens, records, state):
         kl=records["kl"],
         time_to=records.get("time_to"),
         log_p=records.get("log_p"),
-        repeated_ngrams=_repeated_ngrams(tokens, config.loop_ngram_size),
-        cycle_length=_cycle_length(tokens, window),
+        repeated_ngrams=repeated,
+        cycle_length=cycle,
         state=state,
     )
 
@@ -364,12 +461,12 @@ def _tick(step):
 @eqx.debug.assert_max_traces(max_traces=None)  # counts traces for the no-recompile test
 def _generate_scan(logits_fn, config, params, prompt, mask, state, xs, progress=False):
     logits, state = logits_fn(prompt, state)
-    carry = _init(config, prompt, mask, config.dtype)
+    carry = _start(config, prompt, mask, logits)
 
     def body(loop, scan_in):
         carry, logits, state = loop
         t, x = scan_in
-        carry, token, records = _step(params, config, carry, logits, t, x)
+        carry, token, records = _step_on_mesh(params, config, carry, logits, t, x)
         logits, state = logits_fn(token[:, None], state)
         if progress:
             jax.debug.callback(_tick, t)
@@ -382,8 +479,10 @@ def _generate_scan(logits_fn, config, params, prompt, mask, state, xs, progress=
     return _finish(config, jnp.moveaxis(tokens, 0, 1), records, state)
 
 
-_init_jit = eqx.filter_jit(_init)
-_step_jit = eqx.filter_jit(eqx.debug.assert_max_traces(_step, max_traces=None))
+_start_jit = eqx.filter_jit(_start)
+_step_jit = eqx.filter_jit(
+    eqx.debug.assert_max_traces(_step_on_mesh, max_traces=None)
+)
 _finish_jit = eqx.filter_jit(_finish)
 
 
@@ -407,7 +506,7 @@ def _progress_bar(progress, steps):
 
 def _generate_host(logits_fn, config, params, prompt, mask, state, xs, progress):
     logits, state = logits_fn(prompt, state)
-    carry = _init_jit(config, prompt, mask, config.dtype)
+    carry = _start_jit(config, prompt, mask, jnp.asarray(logits))
     tokens, records = [], []
     ts = jnp.arange(config.steps)  # the step indices of the scan, with their dtype
     bar = _progress_bar(progress, config.steps)
@@ -539,7 +638,11 @@ def _check_model(logits_fn, prompt, state, batch, jit):
         return describe(f"{what} {tokens.shape}", out)
 
     logits, state1 = probe("the prompt", prompt, state)
-    one = jax.ShapeDtypeStruct((batch, 1), prompt.dtype)
+    # One token per row, sharded over the batch as the prompt is.
+    sharding = None
+    for _, mesh, spec in explicitly_sharded(prompt):
+        sharding = NamedSharding(mesh, PartitionSpec(spec[0], None))
+    one = jax.ShapeDtypeStruct((batch, 1), prompt.dtype, sharding=sharding)
     logits2, state2 = probe("one token per row", one, state1)
     same_state = jtu.tree_structure(state1) == jtu.tree_structure(state2) and all(
         a.shape == b.shape and a.dtype == b.dtype
@@ -556,23 +659,6 @@ def _check_model(logits_fn, prompt, state, batch, jit):
 
 # --------------------------------------------------------------------------------------
 # The entry point
-
-
-def _refuse_explicit_sharding(inputs: PyTree) -> None:
-    """`NotImplementedError` now for inputs sharded over a mesh of explicit axes: the
-    decoding loop builds its buffers (history, counts, masks) unsharded, and JAX's
-    explicit sharding refuses to combine them with sharded prompts or logits (measured
-    on 8 CPU devices: a `ShardingTypeError` for a prompt sharded over the batch, and for
-    model weights sharded over the vocabulary). On a mesh of `Auto` axes the same
-    calls run and give one device's tokens."""
-    if next(explicitly_sharded(inputs), None) is not None:
-        raise NotImplementedError(
-            "`rx.generate` does not run yet on inputs sharded over a mesh of explicit "
-            "axes (`jax.make_mesh`'s default): its decoding buffers are unsharded. Put "
-            "the prompt and the model's state on a mesh made with "
-            "`axis_types=(jax.sharding.AxisType.Auto, ...)` instead (XLA then "
-            "partitions the loop), or pass them unsharded."
-        )
 
 
 def generate(
@@ -697,6 +783,13 @@ def generate(
         `None` (default): shown only when stderr is a terminal and tqdm is installed;
         `True`: always (tqdm required: `pip install tqdm`); `False`: never.
 
+    **Sharding:** the prompt, the state and the model's weights may be sharded over a
+    mesh of explicit axes (call with the mesh in context, `jax.set_mesh(mesh)`). The
+    model runs on those axes as written; each step's penalties, flow and choice run
+    with the axes made `Auto`, their buffers placed as the model's logits (batch and
+    vocabulary), and the records come back sharded over the batch (`log_p` also over
+    the vocabulary). README, "Sharding", says what crosses devices.
+
     **Returns:**
 
     A `Generation`: tokens, per-step `log_prob`, `entropy`, `kl` (to the same flow on
@@ -751,7 +844,6 @@ def generate(
             f"one token; received shape {prompt.shape}, dtype {prompt.dtype}."
         )
     batch, prompt_length = prompt.shape
-    _refuse_explicit_sharding((prompt, state, targets, attention_mask))
     if attention_mask is None:
         mask = jnp.ones(prompt.shape, bool)
     else:

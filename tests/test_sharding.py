@@ -3,9 +3,9 @@ the logits give results equal to one device's and keep the input's sharding, wit
 input gathered onto one device by XLA ("involuntary full rematerialization"): the closed
 forms (solve, faces, observables, `rx.path_statistics`, gradients), the ODE path (with
 and without shared steps, its observables and gradient), `rx.Switched`, `rx.time_to`,
-`rx.lyapunov_exponents`, `rx.equilibrium`, `rx.flip_margin` and `rx.curl`; `rx.generate`
-on a mesh of `Auto` axes, and its refusal of explicit ones (issue: GPU performance and
-scale, item 4).
+`rx.lyapunov_exponents`, `rx.equilibrium`, `rx.flip_margin` and `rx.curl`; and
+`rx.generate` (batch, vocabulary and 2-D sharding, its gradient, and a mesh of `Auto`
+axes) (issue: GPU performance and scale, item 4).
 
 The device count is fixed when JAX starts, so the checks run in one subprocess started
 with `--xla_force_host_platform_device_count=8`.
@@ -230,24 +230,71 @@ SCRIPT = textwrap.dedent(
     rest = lambda s: jnp.exp(rx.equilibrium(reinforced(s)).log_p)
     check("equilibrium on an Auto mesh", jax.jit(rest)(auto), rest(logits), None)
 
-    # `rx.generate` (a model of one-hot rows times a table of logits): on an `Auto`
-    # mesh it gives one device's tokens; on explicit axes it refuses, naming that.
-    model = lambda tokens, table: (jax.nn.one_hot(tokens[:, -1], 64) @ table, table)
+    # `rx.generate`. The model: one-hot rows of the last token times a table of
+    # next-token logits, less a per-row memory of the tokens read so far (a state that
+    # is sharded as the batch, or as the vocabulary).
+    def model(tokens, state):
+        table, memory = state
+        memory = memory + jnp.sum(jax.nn.one_hot(tokens, 64), axis=1)
+        next_logits = jax.nn.one_hot(tokens[:, -1], 64) @ table - 0.2 * memory
+        return next_logits, (table, memory)
+
     prompt = jax.random.randint(jax.random.key(3), (16, 3), 0, 64)
-    decode = dict(max_new_tokens=4, key=jax.random.key(4), frequency_penalty=0.3)
-    table = logits[:4].repeat(16, 0)  # (64, 64): next-token logits per token
-    tokens = rx.generate(model, prompt, table, **decode).tokens
-    with jax.set_mesh(auto_mesh):
-        got = rx.generate(model, prompt, jax.device_put(
-            table, NamedSharding(auto_mesh, P(None, "d"))), **decode).tokens
-    assert np.array_equal(np.asarray(got), np.asarray(tokens))
+    targets = jax.random.randint(jax.random.key(5), (16, 4), 0, 64)
+    table = logits[:4].repeat(16, 0)  # (64, 64)
+    memory = jnp.zeros((16, 64), jnp.float32)
+    sample = dict(max_new_tokens=4, key=jax.random.key(4), frequency_penalty=0.3,
+                  no_repeat_ngram_size=2, support=rx.TopK(8), save_log_p=True)
+    greedy = dict(max_new_tokens=4, repetition_penalty=1.3, save_log_p=True)
+
+    def decoded(name, got, want, rows, vocab):
+        assert np.array_equal(np.asarray(got.tokens), np.asarray(want.tokens)), name
+        check(f"{name} tokens", got.tokens, want.tokens, (rows, None))
+        for field in ("log_prob", "entropy", "kl"):
+            check(f"{name} {field}", getattr(got, field), getattr(want, field),
+                  (rows, None))
+        check(f"{name} log_p", got.log_p, want.log_p, (rows, None, vocab))
+
+    put = lambda x, m, *spec: jax.device_put(x, NamedSharding(m, P(*spec)))
     with jax.set_mesh(mesh):
-        try:
-            rx.generate(model, jax.device_put(prompt, NamedSharding(mesh, P("d"))),
-                        table, **decode)
-            raise AssertionError("no error from generate")
-        except NotImplementedError as error:
-            assert "AxisType.Auto" in str(error), error
+        # The prompt and the model's memory sharded over the batch (data parallel).
+        got = rx.generate(model, put(prompt, mesh, "d", None),
+                          (table, put(memory, mesh, "d", None)), **sample)
+    decoded("generate, batch", got, rx.generate(model, prompt, (table, memory),
+                                                **sample), "d", None)
+    with jax.set_mesh(mesh):
+        # The table and the memory sharded over the vocabulary; the host loop.
+        got = rx.generate(model, prompt, (put(table, mesh, None, "d"),
+                                          put(memory, mesh, None, "d")),
+                          jit=False, **greedy)
+    decoded("generate, vocabulary, host loop", got,
+            rx.generate(model, prompt, (table, memory), **greedy), None, "d")
+
+    # Teacher forcing with expected counts (the differentiable mode): the gradient of
+    # the negative log-likelihood with respect to the table, on a 2-D mesh.
+    def nll(table, temperature, prompt, memory, targets):
+        out = rx.generate(model, prompt, (table, memory), max_new_tokens=4,
+                          targets=targets, counts="expected", temperature=temperature,
+                          frequency_penalty=0.3)
+        return -jnp.sum(out.log_prob)
+
+    grad = jax.jit(jax.grad(nll, argnums=(0, 1)))
+    want = grad(table, 0.8, prompt, memory, targets)
+    with jax.set_mesh(mesh_2d):
+        got = grad(put(table, mesh_2d, None, "v"), 0.8, put(prompt, mesh_2d, "b", None),
+                   put(memory, mesh_2d, "b", "v"), put(targets, mesh_2d, "b", None))
+    scale = float(np.max(np.abs(np.asarray(want[0]))))
+    check("generate gradient, table", got[0] / scale, want[0] / scale, (None, "v"))
+    check("generate gradient, temperature", got[1], want[1], None)
+
+    # On a mesh of `Auto` axes (no mesh in context) XLA partitions the whole loop.
+    with jax.set_mesh(auto_mesh):
+        got = rx.generate(model, prompt, (put(table, auto_mesh, None, "d"), memory),
+                          **greedy)
+    want = rx.generate(model, prompt, (table, memory), **greedy)
+    assert np.array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    print("worst relative error of generate:",
+          max(v for k, v in worst.items() if k.startswith("generate")))
     print("all ok")
     """
 )
