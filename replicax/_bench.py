@@ -115,9 +115,13 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--quick",
         action="store_true",
-        help="a smoke run that checks every case: "
-        "3 repeats and, unless --batch or --vocab is given, (B, V) = (1, 4096) and "
-        "(8, 32000) for cases a and b, (1, 4096) for c, (8, 4096) for d",
+        help="a smoke run that checks every case: 3 repeats and, unless --batch or "
+        "--vocab is given, (B, V) = "
+        + ", ".join(
+            f"{', '.join(map(str, sizes))} for {case}"
+            for case, sizes in QUICK_SIZES.items()
+        )
+        + f", {OVERHEAD_SIZE} for e",
     )
     add(
         "--batch",
