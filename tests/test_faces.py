@@ -106,13 +106,14 @@ def _stable_torch_sort():
         torch.sort, torch.topk = sort, topk
 
 
-def _hf_scores(logits, processors, *, stable=False) -> np.ndarray:
-    """The float32 scores a `LogitsProcessorList` of transformers warpers leaves."""
-    scores = torch.tensor(logits)
+def _hf_scores(logits, processors, *, stable=False, dtype=np.float32) -> np.ndarray:
+    """The scores a `LogitsProcessorList` of transformers warpers leaves, computed by
+    torch in `dtype` (float32 unless asked)."""
+    scores = torch.tensor(np.asarray(logits, dtype))
     input_ids = torch.zeros((logits.shape[0], 1), dtype=torch.long)
     with _stable_torch_sort() if stable else contextlib.nullcontext():
         out = LogitsProcessorList(processors)(input_ids, scores)
-    assert out.dtype == torch.float32
+    assert out.dtype == scores.dtype
     return out.numpy()
 
 
@@ -223,10 +224,19 @@ def _param_arrays(grid: Grid) -> list[np.ndarray]:
     return [np.array([p[j] for p in grid.params]) for j in range(len(grid.params[0]))]
 
 
-def _reference(grid: Grid, family: Family, m: int, *, temperature_first=True, stable):
-    """transformers' warped float32 scores for every row of the grid, one call per
-    (temperature, parameters) group."""
-    out = np.empty_like(grid.logits)
+def _reference(
+    grid: Grid,
+    family: Family,
+    m: int,
+    *,
+    temperature_first=True,
+    stable,
+    only=None,
+    dtype=np.float32,
+):
+    """transformers' warped scores (torch in `dtype`) for every row of the grid (or the
+    rows `only`), one call per (temperature, parameters) group."""
+    out = np.full(grid.logits.shape, np.nan, dtype)
     groups = sorted(set(zip(grid.temperature.tolist(), grid.params, strict=True)))
     for T, p in groups:
         rows = [
@@ -234,23 +244,46 @@ def _reference(grid: Grid, family: Family, m: int, *, temperature_first=True, st
             for i, (Ti, pi) in enumerate(
                 zip(grid.temperature.tolist(), grid.params, strict=True)
             )
-            if Ti == T and pi == p
+            if Ti == T and pi == p and (only is None or i in only)
         ]
+        if not rows:
+            continue
         temperature = TemperatureLogitsWarper(float(T))
         warpers = family.to_hf(p, m)
         processors = (
             [temperature, *warpers] if temperature_first else [*warpers, temperature]
         )
-        out[rows] = _hf_scores(grid.logits[rows], processors, stable=stable)
+        out[rows] = _hf_scores(
+            grid.logits[rows], processors, stable=stable, dtype=dtype
+        )
     return out
 
 
+class _References(tuple):
+    """`(stock, stable)`: transformers' float32 scores for a grid (`stable`: ties
+    broken by index), and `exact(rows)`: its scores on those rows with torch in
+    float64 (ties by index), asked for only where a face differs."""
+
+    def __new__(cls, stock, stable, exact):
+        references = super().__new__(cls, (stock, stable))
+        references.exact = exact
+        return references
+
+
 def _references(grid: Grid, family: Family, m: int, *, temperature_first=True):
-    """(stock, stable) transformers scores for the grid (`stable`: ties by index)."""
+    """The `_References` of a grid."""
     kw = dict(temperature_first=temperature_first)
     stock = _reference(grid, family, m, stable=False, **kw)
     stable = _reference(grid, family, m, stable=True, **kw) if family.sorts else stock
-    return stock, stable
+
+    def exact(rows):
+        only = set(rows.tolist())
+        out = _reference(
+            grid, family, m, stable=True, only=only, dtype=np.float64, **kw
+        )
+        return out[rows]
+
+    return _References(stock, stable, exact)
 
 
 def _assert_matches_transformers(log_p, grid: Grid, references):
@@ -262,6 +295,21 @@ def _assert_matches_transformers(log_p, grid: Grid, references):
     assert not np.any(np.isnan(log_p))
     face = log_p > -np.inf
     p = np.exp(log_p.astype(np.float64))
+
+    # 0. A token whose probability lies within float32 rounding of a warper's
+    #    threshold (eta's `min(eta, sqrt(eta) e^-H)` with a float32 entropy H; one
+    #    measured 1.4e-6 relative above it) is kept or dropped by how torch and XLA
+    #    round on the CPU at hand. Where replicax's face differs from transformers'
+    #    float32 one, transformers run in float64 on the same logits decides: it must
+    #    keep replicax's face, and is the reference on those rows.
+    rounding = np.flatnonzero(np.any(face != (stable > -np.inf), axis=-1))
+    if rounding.size:
+        exact = references.exact(rounding)
+        np.testing.assert_array_equal(
+            face[rounding], exact > -np.inf, err_msg="a face differs in float64 too"
+        )
+        stock, stable = stock.astype(np.float64), stable.astype(np.float64)
+        stock[rounding] = stable[rounding] = exact
 
     # 1. Transformers with ties broken by index: the same face on every row, and the
     #    same distribution to 1e-6.
