@@ -177,8 +177,10 @@ def _on_mesh(fn: Callable, layout: _Layout | None, specs: PyTree, *args) -> PyTr
 
 
 def _carry_specs(layout: _Layout) -> _Carry:
-    rows = PartitionSpec(layout.batch, layout.vocab)
-    return _Carry(PartitionSpec(layout.batch, None), rows, rows, rows)
+    """The placement of the loop's buffers: split over the batch only, whole rows on
+    each device (see `_step_on_mesh`)."""
+    rows = PartitionSpec(layout.batch, None)
+    return _Carry(rows, rows, rows, rows)
 
 
 def _record_specs(layout: _Layout, config: _Config) -> dict[str, PartitionSpec]:
@@ -356,10 +358,20 @@ def _step(params, config, carry, logits, t, x):
 
 
 def _step_on_mesh(params, config, carry, logits, t, x):
-    """`_step`; on sharded inputs, placed as the carry and the logits are."""
+    """`_step`; on sharded inputs, on whole rows split over the batch.
+
+    Logits split over the vocabulary are gathered into whole rows first (one
+    all-gather of the step's `(batch, vocab)` logits), and the step's `log_p` record is
+    split again. Left to itself, XLA's partitioner sorted a face (`rx.TopP`) over the
+    split vocabulary through collectives: 2.7 s against 0.29 s on whole rows for one
+    `(16, 32000)` top-p distribution on 8 CPU devices. The sampler's cumulative sum
+    needs whole rows too."""
     layout = _layout(logits, carry.history)
     if layout is None:
         return _step(params, config, carry, logits, t, x)
+    if layout.vocab is not None:
+        rows = NamedSharding(layout.mesh, PartitionSpec(layout.batch, None))
+        logits = jax.sharding.reshard(logits, rows)
     specs = (
         _carry_specs(layout),
         PartitionSpec(layout.batch),
@@ -411,9 +423,8 @@ def _init(config, prompt, mask, dtype):
 
 
 def _start(config, prompt, mask, logits):
-    """The loop's first carry; on sharded inputs, batch and vocabulary axes placed as
-    the model's logits on the prompt (the batch as the prompt's if they do not shard
-    it)."""
+    """The loop's first carry; on sharded inputs, split over the batch as the model's
+    logits on the prompt are (or as the prompt is, if they are not)."""
     layout = _layout(logits, prompt)
     specs = None if layout is None else _carry_specs(layout)
     return _on_mesh(_init, layout, specs, config, prompt, mask, config.dtype)
@@ -786,9 +797,10 @@ def generate(
     **Sharding:** the prompt, the state and the model's weights may be sharded over a
     mesh of explicit axes (call with the mesh in context, `jax.set_mesh(mesh)`). The
     model runs on those axes as written; each step's penalties, flow and choice run
-    with the axes made `Auto`, their buffers placed as the model's logits (batch and
-    vocabulary), and the records come back sharded over the batch (`log_p` also over
-    the vocabulary). README, "Sharding", says what crosses devices.
+    with the axes made `Auto` on whole rows split over the batch as the model's logits
+    are (logits split over the vocabulary are gathered), and the records come back
+    sharded over the batch (`log_p` also over the vocabulary). README, "Sharding",
+    says what crosses devices.
 
     **Returns:**
 
