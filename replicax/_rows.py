@@ -206,6 +206,11 @@ def _row_axis_spec(x) -> tuple[Any, Any]:
     return mesh, sharding.spec[0]
 
 
+def _padded_spec(x) -> tuple:
+    """The `PartitionSpec` of an explicitly sharded array, one entry per axis."""
+    return (tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim)[: x.ndim]
+
+
 def match_row_sharding(tree: PyTree) -> PyTree:
     """Every array leaf of `tree` (leading axis: the rows) sharded along that axis as
     the first leaf that is.
@@ -233,8 +238,7 @@ def match_row_sharding(tree: PyTree) -> PyTree:
             return x
         rest = (None,) * (x.ndim - 1)
         if x_mesh is not None:
-            spec = tuple(jax.typeof(x).sharding.spec)
-            rest = (spec + (None,) * x.ndim)[1 : x.ndim]
+            rest = _padded_spec(x)[1:]
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis, *rest))
         return jax.sharding.reshard(x, sharding)
 
@@ -291,20 +295,30 @@ def with_auto_axes(fn: Callable[..., PyTree], rows: Rows, *args) -> PyTree:
         # again outside it.
         rows = _whole_rows(rows, vocab)
         whole = _run_auto(fn, rows, args, mesh, batch_spec, None)
-
-        def split(x):
-            if not (eqx.is_array(x) and x.shape[:nb] == rows.batch_shape):
-                return x
-            if x.ndim == nb or x.shape[-1] != vocab:
-                return x
-            rest = [None] * (x.ndim - nb - 1)
-            sharding = jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec(*batch_spec, *rest, vocab_spec)
-            )
-            return jax.sharding.reshard(x, sharding)
-
-        return jtu.tree_map(split, whole)
+        place = _output_placement(mesh, rows, batch_spec, vocab_spec)
+        return jtu.tree_map(
+            lambda x: jax.sharding.reshard(x, place(x)) if eqx.is_array(x) else x, whole
+        )
     return _run_auto(fn, rows, args, mesh, batch_spec, vocab_spec)
+
+
+def _output_placement(mesh, rows: Rows, batch_spec, vocab_spec) -> Callable:
+    """The sharding of an output of `with_auto_axes`, from its shape: leading with the
+    batch shape, sharded as `batch_spec`, a trailing vocabulary axis as `vocab_spec`;
+    anything else replicated."""
+    nb, vocab = len(rows.batch_shape), rows.vocab_size
+
+    def place(x) -> jax.sharding.NamedSharding:
+        if x.shape[:nb] != rows.batch_shape:
+            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        rest = [None] * (x.ndim - nb)
+        if rest and x.shape[-1] == vocab:
+            rest[-1] = vocab_spec
+        return jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(*batch_spec, *rest)
+        )
+
+    return place
 
 
 def _whole_rows(tree: PyTree, vocab: int) -> PyTree:
@@ -317,7 +331,7 @@ def _whole_rows(tree: PyTree, vocab: int) -> PyTree:
         mesh, _ = _row_axis_spec(x)
         if mesh is None:
             return x
-        spec = (tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim)[: x.ndim]
+        spec = _padded_spec(x)
         if spec[-1] is None:
             return x
         whole = jax.sharding.PartitionSpec(*spec[:-1], None)
@@ -330,7 +344,6 @@ def _run_auto(fn, rows: Rows, args: tuple, mesh, batch_spec, vocab_spec) -> PyTr
     """`with_auto_axes` once the placement is known: `fn(rows, *args)` with `mesh`'s
     axes made `Auto`, outputs leading with the batch shape sharded as `batch_spec`, a
     trailing vocabulary axis as `vocab_spec`, the others replicated."""
-    nb, vocab = len(rows.batch_shape), rows.vocab_size
     leaves, treedef = jtu.tree_flatten((rows, args))
     is_dynamic = [eqx.is_array(x) for x in leaves]
 
@@ -350,20 +363,12 @@ def _run_auto(fn, rows: Rows, args: tuple, mesh, batch_spec, vocab_spec) -> PyTr
     out_leaves, out_treedef = jtu.tree_flatten(out_shape)
     out_is_dynamic = [isinstance(x, jax.ShapeDtypeStruct) for x in out_leaves]
 
-    def sharding(x):
-        if x.shape[:nb] != rows.batch_shape:
-            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        rest = [None] * (x.ndim - nb)
-        if rest and x.shape[-1] == vocab:
-            rest[-1] = vocab_spec
-        return jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(*batch_spec, *rest)
-        )
+    place = _output_placement(mesh, rows, batch_spec, vocab_spec)
 
     def auto(dynamic):
         return [x for x in jtu.tree_leaves(call(dynamic)) if eqx.is_array(x)]
 
-    shardings = [sharding(x) for x, d in zip(out_leaves, out_is_dynamic) if d]
+    shardings = [place(x) for x, d in zip(out_leaves, out_is_dynamic) if d]
     out = iter(jax.sharding.auto_axes(auto, out_sharding=shardings)(dynamic))
     out = [next(out) if d else x for x, d in zip(out_leaves, out_is_dynamic)]
     return jtu.tree_unflatten(out_treedef, out)
@@ -401,7 +406,7 @@ def explicitly_sharded(tree: PyTree):
         mesh, _ = _row_axis_spec(x)
         if mesh is None:
             continue
-        spec = (tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim)[: x.ndim]
+        spec = _padded_spec(x)
         if any(axis is not None for axis in spec):
             yield x, mesh, spec
 
